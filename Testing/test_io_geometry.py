@@ -1,0 +1,304 @@
+"""Images in and out, and the box ↔ image geometry (io.py, geometry.py; MODEL.md §2)."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import scipy.io
+import SimpleITK as sitk
+
+from GBMMassEffectLib import io
+from GBMMassEffectLib.geometry import (
+    BoxGeometry,
+    GeometryError,
+    box_for_image,
+    orthonormal_direction,
+)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def rotation(axis, angle_deg):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = math.radians(angle_deg)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(a) * K + (1 - math.cos(a)) * K @ K
+
+
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "oblique": rotation((1, 2, 3), 23.0),
+    "left_handed": rotation((1, -1, 2), 17.0) @ np.diag([1.0, -1.0, 1.0]),
+    "ras_like": np.diag([-1.0, -1.0, 1.0]),
+}
+
+
+def atlas_nifti(glia_testdata, tmp_path, name="atlas.nii.gz"):
+    """atlas.nc (64³, labels 0/5/6/7/8) as a NIfTI label map with 4 mm voxels."""
+    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    img = sitk.GetImageFromArray(np.asarray(a, dtype=np.float32).round().astype(np.uint8))
+    img.SetSpacing((4.0, 4.0, 4.0))
+    path = tmp_path / name
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def label_image(size_ijk, spacing, direction, origin=(10.0, -20.0, 5.0), seed=0, margin=2):
+    """Random per-voxel labels from {0, 5, 6, 7, 8} with a background frame."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(reversed(size_ijk))
+    a = np.zeros(shape, np.uint8)
+    inner = tuple(slice(margin, s - margin) for s in shape)
+    a[inner] = rng.choice(np.array([0, 5, 6, 7, 8], np.uint8), size=a[inner].shape)
+    return io.make_image(a, spacing, origin, direction)
+
+
+def write_nifti_ras(path, data_kji, affine_ras):
+    """Minimal NIfTI-1 writer (independent of ITK): uint8 data, sform_code 1 with the given
+    4×4 voxel→RAS affine, qform_code 0."""
+    data = np.ascontiguousarray(data_kji, dtype=np.uint8)
+    nk, nj, ni = data.shape
+    hdr = bytearray(352)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 3, ni, nj, nk, 1, 1, 1, 1)
+    struct.pack_into("<hh", hdr, 70, 2, 8)  # datatype uint8, bitpix
+    sp = np.linalg.norm(affine_ras[:3, :3], axis=0)
+    struct.pack_into("<8f", hdr, 76, 1.0, *sp, 1.0, 1.0, 1.0, 1.0)
+    struct.pack_into("<f", hdr, 108, 352.0)
+    struct.pack_into("<f", hdr, 112, 1.0)  # scl_slope
+    struct.pack_into("<B", hdr, 123, 2)  # mm
+    struct.pack_into("<hh", hdr, 252, 0, 1)  # qform_code 0, sform_code 1
+    for r in range(3):
+        struct.pack_into("<4f", hdr, 280 + 16 * r, *affine_ras[r])
+    hdr[344:348] = b"n+1\x00"
+    with open(path, "wb") as f:
+        f.write(bytes(hdr))
+        f.write(data.tobytes())
+
+
+def write_nrrd(path, data_kji, space, directions, origin):
+    """Minimal NRRD writer: 'space: <space>' with space directions (columns per axis)."""
+    data = np.ascontiguousarray(data_kji, dtype=np.uint8)
+    nk, nj, ni = data.shape
+    dirs = " ".join("(" + ",".join(f"{v:.17g}" for v in col) + ")" for col in directions)
+    head = (
+        "NRRD0004\ntype: uint8\ndimension: 3\n"
+        f"space: {space}\nsizes: {ni} {nj} {nk}\nspace directions: {dirs}\n"
+        "kinds: domain domain domain\nencoding: raw\n"
+        f"space origin: ({','.join(f'{v:.17g}' for v in origin)})\n\n"
+    )
+    with open(path, "wb") as f:
+        f.write(head.encode())
+        f.write(data.tobytes())
+
+
+# ---- reading errors ---------------------------------------------------------------------
+def test_read_errors_are_one_line(tmp_path):
+    with pytest.raises(io.ImageIOError, match="not found") as e:
+        io.read_image(tmp_path / "missing.nii.gz", "labels")
+    assert "\n" not in str(e.value)
+    junk = tmp_path / "junk.nrrd"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(io.ImageIOError, match="cannot read") as e:
+        io.read_image(junk)
+    assert "\n" not in str(e.value)
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(flat))
+    with pytest.raises(io.ImageIOError, match="3-D"):
+        io.read_image(flat)
+    a = np.ones((6, 7, 8), np.float32)
+    a[2, 3, 4] = np.nan
+    nan = tmp_path / "nan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(nan))
+    with pytest.raises(io.ImageIOError, match="1 NaN"):
+        io.read_image(nan)
+
+
+def test_label_checks(tmp_path):
+    a = np.zeros((6, 7, 8), np.float32)
+    a[2:4, 2:4, 2:4] = 6
+    a[3, 3, 3] = 3
+    p = tmp_path / "bad.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(p))
+    with pytest.raises(io.ImageIOError, match=r"unknown label value\(s\) 3"):
+        io.read_label_map(p)
+    a[3, 3, 3] = 5.5
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(p))
+    with pytest.raises(io.ImageIOError, match="non-integer"):
+        io.read_label_map(p)
+    a[3, 3, 3] = 5
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(p))
+    img = io.read_label_map(p)
+    assert img.GetPixelID() == sitk.sitkUInt8
+    assert sorted(np.unique(io.array(img)).tolist()) == [0, 5, 6]
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 7, 8), np.uint8)), str(p))
+    with pytest.raises(io.ImageIOError, match="empty"):
+        io.read_label_map(p)
+
+
+# ---- geometry of the box ------------------------------------------------------------------
+def test_orthonormal_direction_keeps_handedness():
+    D = DIRECTIONS["left_handed"] + 1e-5 * np.arange(9).reshape(3, 3)
+    Q = orthonormal_direction(D)
+    assert np.allclose(Q.T @ Q, np.eye(3), atol=1e-12)
+    assert np.linalg.det(Q) == pytest.approx(-1.0)
+    assert np.abs(Q - DIRECTIONS["left_handed"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("dname", list(DIRECTIONS))
+def test_box_axes_follow_image_direction(dname):
+    D = DIRECTIONS[dname]
+    img = label_image((20, 16, 12), (1.0, 1.5, 2.5), D)
+    geom = box_for_image(img, n=32, box_mm=64.0)
+    assert np.allclose(geom.D, D, atol=1e-12)  # no rotation, no flip
+    # the centre voxel n/2 sits on the centre of the label bounding box
+    a = io.array(img) != 0
+    nz = np.argwhere(a)
+    c_ijk = ((nz.min(0) + nz.max(0)) / 2)[::-1]
+    c = np.array(img.TransformContinuousIndexToPhysicalPoint(c_ijk.tolist()))
+    assert np.allclose(geom.index_to_physical([16, 16, 16]), c, atol=1e-9)
+    # box reference image agrees with the geometry's own point mapping
+    ref = geom.reference_image()
+    assert np.allclose(ref.TransformContinuousIndexToPhysicalPoint([3.5, 7.0, 30.0]),
+                       geom.index_to_physical([3.5, 7.0, 30.0]), atol=1e-9)
+    # domain coordinates: array axis a is ITK index axis 2 − a, x = h·index
+    p = geom.index_to_physical([1.0, 2.0, 3.0])
+    assert np.allclose(geom.physical_to_domain(p), np.array([3.0, 2.0, 1.0]) * geom.h)
+    assert np.allclose(geom.domain_to_physical(geom.physical_to_domain(p)), p)
+
+
+@pytest.mark.parametrize("dname", list(DIRECTIONS))
+def test_labels_round_trip_exactly(dname):
+    """image → box (finer) → image: nearest-neighbour labels come back unchanged."""
+    img = label_image((40, 30, 20), (1.0, 1.5, 2.5), DIRECTIONS[dname], seed=3)
+    geom = box_for_image(img, n=128, box_mm=64.0)  # 0.5 mm < every image spacing
+    box = geom.to_box(img, "label")
+    assert box.dtype == np.uint8 and box.shape == (128, 128, 128)
+    assert sorted(np.unique(box).tolist()) == [0, 5, 6, 7, 8]
+    back = geom.from_box(box, img, "label")
+    assert io.same_geometry(back, img)
+    assert np.array_equal(io.array(back), io.array(img))
+
+
+@pytest.mark.parametrize("dname", ["oblique", "left_handed"])
+def test_smooth_field_to_interpolation_accuracy(dname):
+    """A smooth field of physical position survives image → box → image to O(h²)."""
+    size, spacing = (36, 30, 24), (2.0, 2.5, 3.0)
+    D = DIRECTIONS[dname]
+    img0 = io.make_image(np.zeros(tuple(reversed(size)), np.float32), spacing, (3.0, -7.0, 11.0), D)
+    kji = np.indices(tuple(reversed(size))).reshape(3, -1).astype(float)
+    ijk = kji[::-1]
+    pts = np.asarray(img0.GetOrigin())[:, None] + D @ (np.asarray(spacing)[:, None] * ijk)
+    center = pts.mean(1)
+    wav = 2 * math.pi / 40.0  # 40 mm wavelength
+
+    def f(p):
+        q = p - center[:, None]
+        return np.sin(wav * q[0]) * np.cos(0.7 * wav * q[1]) + 0.5 * np.sin(0.9 * wav * q[2])
+
+    img = io.image_like(f(pts).reshape(tuple(reversed(size))).astype(np.float32), img0)
+    geom = box_for_image(img, n=64, box_mm=128.0, center=center, mask=np.zeros(0))
+    box = geom.to_box(img, "linear", dtype=np.float64)
+    # box values equal the field at the box voxels' physical positions (interior only)
+    bidx = np.indices(geom.shape).reshape(3, -1)[::-1].astype(float)  # ITK (i, j, k)
+    bpts = geom.origin[:, None] + geom.D @ (geom.spacing * bidx)
+    inside = np.all(np.abs(np.linalg.solve(D, bpts - pts[:, [0]]) / np.asarray(spacing)[:, None]
+                           - (np.asarray(size)[:, None] - 1) / 2)
+                    < (np.asarray(size)[:, None] - 1) / 2 - 1, axis=0)
+    err_box = np.abs(box.ravel()[inside] - f(bpts[:, inside])).max()
+    bound = (wav**2) * max(spacing) ** 2 / 8 * 2.5  # 3 second derivatives, h²/8 each
+    assert inside.sum() > 5000
+    assert err_box < bound
+    back = geom.from_box(box, img, "linear")
+    assert io.same_geometry(back, img)
+    inner = (slice(2, -2),) * 3
+    err_back = np.abs(io.array(back)[inner] - io.array(img)[inner]).max()
+    assert err_back < bound + (wav**2) * geom.spacing**2 / 8 * 2.5
+    assert err_back > 0  # it really was resampled
+
+
+def test_nifti_ras_and_lps_files_agree(tmp_path):
+    """A NIfTI written by hand with a RAS sform and an NRRD in RAS space are read as the
+    LPS geometry SimpleITK writes; a seed in RAS mm lands on the right box voxel."""
+    rng = np.random.default_rng(1)
+    R = rotation((0.3, 1.0, -0.2), 12.0) @ np.diag([1.0, 1.0, -1.0])  # oblique, left-handed
+    spacing = np.array([1.2, 0.9, 2.0])
+    A_ras = np.eye(4)
+    A_ras[:3, :3] = R * spacing
+    A_ras[:3, 3] = [-40.0, 25.0, -10.0]
+    data = np.zeros((14, 22, 18), np.uint8)  # (k, j, i)
+    data[2:-2, 2:-2, 2:-2] = 6
+    seed_ijk = (7, 11, 5)
+    data[seed_ijk[2], seed_ijk[1], seed_ijk[0]] = 5  # a single marker voxel
+    data[3, 4, 5] = 8
+    write_nifti_ras(tmp_path / "ras.nii", data, A_ras)
+    lps = io.read_image(tmp_path / "ras.nii")
+    flip = np.diag([-1.0, -1.0, 1.0])
+    D_lps = flip @ R
+    assert np.allclose(lps.GetSpacing(), spacing, atol=1e-5)
+    assert np.allclose(np.reshape(lps.GetDirection(), (3, 3)), D_lps, atol=1e-5)
+    assert np.allclose(lps.GetOrigin(), flip @ A_ras[:3, 3], atol=1e-4)
+    assert np.array_equal(io.array(lps), data)
+    # the same volume as an NRRD in RAS space, and as SimpleITK's own LPS NIfTI / NRRD
+    write_nrrd(tmp_path / "ras.nrrd", data, "right-anterior-superior", (R * spacing).T, A_ras[:3, 3])
+    sitk.WriteImage(lps, str(tmp_path / "lps.nii.gz"))
+    sitk.WriteImage(lps, str(tmp_path / "lps.nrrd"))
+    for other in ("ras.nrrd", "lps.nii.gz", "lps.nrrd"):
+        img = io.read_image(tmp_path / other)
+        assert io.same_geometry(img, lps, tol=1e-5), other
+        assert np.array_equal(io.array(img), data), other
+    # seed given in RAS mm at the marker voxel's centre
+    seed_ras = A_ras @ np.array([*seed_ijk, 1.0])
+    seed_lps = io.ras_to_lps(seed_ras[:3])
+    assert np.allclose(lps.TransformPhysicalPointToContinuousIndex(seed_lps.tolist()), seed_ijk,
+                       atol=1e-4)
+    geom = box_for_image(lps, n=64, box_mm=64.0)  # 1 mm box voxels
+    x = geom.physical_to_domain(seed_lps)
+    kji = np.rint(x / geom.h).astype(int)
+    assert np.allclose(x / geom.h, kji, atol=0.5)
+    box = geom.to_box(lps, "label")
+    assert box[tuple(kji)] == 5
+    assert rng is not None
+
+
+def test_displacement_to_mm(tmp_path):
+    """u (domain units, array-axis components) → LPS mm with u_mm = (L/2π)·D_box·u:
+    moving a point by u_mm moves its domain coordinates by u."""
+    for D in DIRECTIONS.values():
+        geom = BoxGeometry(16, 200.0, (1.0, 2.0, 3.0), tuple(D.ravel()))
+        u = np.array([0.3, -0.1, 0.05])
+        U = np.broadcast_to(u[:, None, None, None], (3, 16, 16, 16))
+        u_mm = geom.displacement_to_mm(U)[:, 5, 6, 7]
+        p = np.array([10.0, -4.0, 7.0])
+        assert np.allclose(geom.physical_to_domain(p + u_mm) - geom.physical_to_domain(p), u)
+        assert np.linalg.norm(u_mm) == pytest.approx(np.linalg.norm(u) * 200.0 / (2 * math.pi))
+    # a vector image on the reference grid, in mm
+    img = label_image((10, 12, 8), (2.0, 2.0, 3.0), DIRECTIONS["oblique"])
+    geom = box_for_image(img, n=16, box_mm=64.0)
+    vec = geom.vector_from_box(np.broadcast_to(u[:, None, None, None], (3, 16, 16, 16)), img)
+    assert vec.GetNumberOfComponentsPerPixel() == 3
+    assert io.same_geometry(vec, img)
+    v = sitk.GetArrayFromImage(vec)[4, 5, 6]
+    assert np.allclose(v, geom.displacement_to_mm(u[:, None, None, None])[:, 0, 0, 0], atol=1e-5)
+
+
+def test_atlas_as_4mm_nifti(glia_testdata, tmp_path):
+    path = atlas_nifti(glia_testdata, tmp_path)
+    img = io.read_label_map(path)
+    assert img.GetSize() == (64, 64, 64) and img.GetSpacing() == (4.0, 4.0, 4.0)
+    for n in (32, 64):
+        geom = box_for_image(img, n=n)
+        labels = geom.to_box(img, "label")
+        assert sorted(np.unique(labels).tolist()) == [0, 5, 6, 7, 8]
+        # the box has background on every face (brain centred, not touching the edge)
+        for axis in range(3):
+            assert not labels.take(0, axis).any() and not labels.take(n - 1, axis).any()
+        # volumes are preserved roughly by nearest-neighbour resampling at 4-8 mm
+        wm_img = (io.array(img) == 6).sum() * 64.0
+        wm_box = (labels == 6).sum() * geom.spacing**3
+        assert abs(wm_box / wm_img - 1) < 0.15
+    with pytest.raises(GeometryError, match="does not fit"):
+        box_for_image(img, n=32, box_mm=200.0)
+    with pytest.raises(GeometryError, match="even integer"):
+        box_for_image(img, n=31)
