@@ -1,0 +1,79 @@
+"""Data d, observation operator O, misfit and β-regularisation (MODEL.md §5).
+
+- d = tumor-core indicator (enhancing + necrotic), smoothed one voxel (reference kernel).
+- O = 1 on tumor core, 0 on edema (unknown concentration there), 1 elsewhere; O is
+  diagonal 0/1, so Oᵀ = O = O².
+- misfit ½h³‖Oc(1) − Od‖², regularisation β/2·h³‖Φp‖² (β = 1e-4 default).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .spectral import SpectralOps
+
+BETA_DEFAULT = 1e-4
+
+
+def _check(ops: SpectralOps, a, name: str):
+    n = ops.n
+    a = ops.xp.asarray(a)
+    if a.shape != (n, n, n):
+        raise ValueError(f"{name} must have shape {(n, n, n)}, got {a.shape}")
+    return a
+
+
+def tumor_data(ops: SpectralOps, core, smooth: bool = True):
+    """d: the tumor-core indicator (core > 0.5), smoothed one voxel (§5)."""
+    core = _check(ops, core, "tumor core")
+    d = (core > 0.5).astype(ops.dtype)
+    return ops.smooth(d) if smooth else d
+
+
+def observation_operator(ops: SpectralOps, core, edema=None):
+    """O: 1 on tumor core, 0 on edema (outside the core), 1 elsewhere (§5)."""
+    core = _check(ops, core, "tumor core")
+    O = ops.xp.ones(core.shape, dtype=ops.dtype)
+    if edema is not None:
+        edema = _check(ops, edema, "edema")
+        O[(edema > 0.5) & ~(core > 0.5)] = 0.0
+    return O
+
+
+class Misfit:
+    """J_d(c1) = ½h³‖O(c1 − d)‖² and its gradient h³·O(c1 − d)."""
+
+    def __init__(self, ops: SpectralOps, d, O=None):
+        self.ops = ops
+        self.d = _check(ops, d, "data d").astype(ops.dtype)
+        self.O = None if O is None else _check(ops, O, "observation operator O").astype(ops.dtype)
+        self.h3 = ops.h**3
+
+    def residual(self, c1):
+        r = c1 - self.d
+        return r if self.O is None else self.O * r
+
+    def value(self, c1) -> float:
+        r = self.residual(c1)
+        return 0.5 * self.h3 * float(self.ops.xp.sum(r * r, dtype=np.float64))
+
+    def gradient(self, c1):
+        """∂J_d/∂c1 = h³ Oᵀ(Oc1 − Od) (the adjoint's final condition, sign +)."""
+        return self.ops.dtype.type(self.h3) * self.residual(c1)
+
+    def relative_error(self, c1) -> float:
+        """‖O(c1 − d)‖ / ‖Od‖."""
+        xp = self.ops.xp
+        Od = self.d if self.O is None else self.O * self.d
+        den = float(xp.sqrt(xp.sum(Od * Od, dtype=np.float64)))
+        r = self.residual(c1)
+        return float(xp.sqrt(xp.sum(r * r, dtype=np.float64))) / max(den, 1e-300)
+
+
+def regularisation(ops: SpectralOps, c0, beta: float = BETA_DEFAULT) -> float:
+    """β/2·h³‖c0‖² with c0 = Φp (§5)."""
+    return 0.5 * beta * ops.h**3 * float(ops.xp.sum(c0 * c0, dtype=np.float64))
+
+
+def regularisation_gradient(ops: SpectralOps, c0, beta: float = BETA_DEFAULT):
+    """∂/∂c0 of β/2·h³‖c0‖²: β h³ c0 (apply Φᵀ for the p-gradient)."""
+    return ops.dtype.type(beta * ops.h**3) * c0
