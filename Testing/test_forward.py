@@ -1,0 +1,143 @@
+"""The §3 forward model with mass effect: reference regression (MODEL.md §8), the γ = 0
+limit, CFL handling, progress/cancel and snapshots."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.io
+
+from GBMMassEffectLib.backend import get_backend
+from GBMMassEffectLib.basis import brain_mask, gaussian_atom
+from GBMMassEffectLib.diffusion import CrankNicolson
+from GBMMassEffectLib.forward import CFLError, ForwardParams, run_forward
+from GBMMassEffectLib.progress import Cancelled
+from GBMMassEffectLib.reaction import logistic_step
+from GBMMassEffectLib.spectral import SpectralOps
+from GBMMassEffectLib.tissue import Tissues
+
+REF_CENTRE = 2 * math.pi * np.array([137.0, 169.0, 96.0]) / 256  # 137 on array axis 0
+REF_SIGMA = 4 * 2 * math.pi / 64
+REF = {"c0": 22.0161, "c1": 83.9893, "u": 43.5494}  # reference CPU build, MODEL §8
+
+
+def _sinusoid_case(glia_testdata, precision):
+    wm = scipy.io.netcdf_file(glia_testdata / "sinusoid.nc", "r", mmap=False).variables["data"].data
+    wm = np.maximum(wm.astype(np.float32), 0)  # as stored, clipped at 0; no smoothing
+    zero = np.zeros_like(wm)
+    ops = SpectralOps(64, get_backend("cpu", precision))
+    atom = gaussian_atom(ops, REF_CENTRE, REF_SIGMA, brain_mask(wm, zero, zero))
+    c0 = atom / atom.max()
+    tissues = Tissues.from_fractions(np, wm, zero, zero, zero, dtype=ops.dtype)
+    return ops, tissues, c0
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_sinusoid_regression(glia_testdata, precision):
+    """MODEL §8: ρ 8, κ 0.01, γ 1.2, 26 steps: ‖c0‖ 22.0161, ‖c(1)‖ 83.9893, ‖|u|‖ 43.5494.
+
+    Achieved (both precisions): relative errors −1.3e-6, +1.5e-6, +1.8e-6, i.e. at the
+    4-5 digits the reference prints; asserted at 2e-5 (the brief allows 2e-3).
+    """
+    ops, tissues, c0 = _sinusoid_case(glia_testdata, precision)
+    res = run_forward(ops, tissues, c0, ForwardParams(kappa=0.01, rho=8.0, gamma=1.2))
+    got = {"c0": ops.norm(c0), "c1": ops.norm(res.c), "u": ops.norm(res.displacement_norm())}
+    for key, ref in REF.items():
+        assert abs(got[key] - ref) <= 2e-5 * ref, (key, got[key], ref)
+    st = res.stats
+    assert st.steps_completed == 26 and not res.cfl_flagged and res.t_end == pytest.approx(1.04)
+    assert all(s.elasticity_converged for s in st.steps)
+    assert 0 < st.initial_elasticity_iterations <= 100
+    assert 0 < st.total_elasticity_iterations <= 400  # 177 measured
+    assert max(st.diffusion_iterations) <= 3  # 2 measured
+    assert 0 < st.cfl_max < 1  # 0.148
+    assert res.u.dtype == ops.dtype and res.c.dtype == ops.dtype
+    # tissue transported (and compressed: conservative wm exceeds 1 near the tumour), bg untouched
+    assert np.array_equal(res.tissues.bg, tissues.bg)
+    assert -1e-2 < float(res.tissues.wm.min()) < 0.0 and 1.0 < float(res.tissues.wm.max()) < 1.2
+
+
+def _small_tissues(n=32, dtype=np.float64):
+    ops = SpectralOps(n, get_backend("cpu", np.dtype(dtype).name))
+    x, y, z = ops.coordinates()
+    r2 = (x - np.pi) ** 2 + (y - np.pi) ** 2 + (z - np.pi) ** 2
+    inside = r2 < 2.6**2
+    full = lambda a: np.ascontiguousarray(np.broadcast_to(a, (n, n, n)))  # noqa: E731
+    wm = full(np.where(inside, 0.5 + 0.3 * np.sin(2 * x) * np.cos(y), 0))
+    gm = full(np.where(inside, 0.3 - 0.2 * np.sin(2 * x) * np.cos(y), 0))
+    vt = full(np.where(r2 < 0.5, 0.9, 0.0)) * (y < np.pi)
+    csf = full(np.where(inside & (r2 > 2.2**2), 0.15, 0.0))
+    tissues = Tissues.from_fractions(np, wm, gm, vt, csf, dtype=ops.dtype)
+    c0 = full(np.exp(-((x - 3.6) ** 2 + (y - 3.0) ** 2 + (z - 2.8) ** 2) / 0.3)).astype(ops.dtype)
+    return ops, tissues, c0
+
+
+def test_gamma_zero_is_lie_split_reaction_diffusion():
+    ops, tissues, c0 = _small_tissues()
+    p = ForwardParams(kappa=0.02, rho=9.0, gamma=0.0, r_k=0.2, r_rho=0.5)
+    res = run_forward(ops, tissues, c0, p)
+    assert not np.any(res.u) and not np.any(res.v)
+    # hand-written Lie split: filter, then 26 × (CN diffusion dt, exact logistic dt)
+    wm, gm = tissues.wm * (1 - c0), tissues.gm * (1 - c0)
+    frac = lambda r: np.maximum(0, 1 - tissues.bg - (1 - r) * gm - tissues.vt - tissues.csf)  # noqa: E731
+    k, rho = p.kappa * frac(p.r_k), p.rho * frac(p.r_rho)
+    c = c0.copy()
+    for _ in range(26):
+        c = CrankNicolson(ops, k, p.dt, rtol=1e-6).step(c)
+        c = logistic_step(np, c, rho, p.dt)
+    assert np.abs(res.c - c).max() <= 1e-13
+    assert np.array_equal(res.tissues.wm, wm) and np.array_equal(res.tissues.vt, tissues.vt)
+    assert res.stats.total_elasticity_iterations == 0
+
+
+def test_small_mass_effect_run_progress_snapshots_and_cancel():
+    ops, tissues, c0 = _small_tissues(32, np.float32)
+    p = ForwardParams(kappa=0.01, rho=8.0, gamma=1.0, nt=5)
+    seen = []
+    res = run_forward(ops, tissues, c0, p, progress=seen.append, snapshot_times=(0.0, 0.12, 0.24))
+    assert [s.step for s in seen] == list(range(6)) and seen[-1].fraction == 1.0
+    assert set(res.snapshots) == {0.0, 0.12, 0.24}
+    np.testing.assert_array_equal(res.snapshots[0.24].c, res.c)
+    np.testing.assert_array_equal(res.snapshots[0.24].u, res.u)
+    assert np.array_equal(res.snapshots[0.0].c, c0)
+    disp = res.displacement_norm()
+    assert 0 < float(disp.max()) < 0.5
+    # the tumour grew and pushed: total tissue mass wm + gm nearly conserved by transport
+    assert ops.norm(res.c) > ops.norm(c0)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        run_forward(ops, tissues, c0, p, cancel=cancel)
+    assert len(calls) == 4
+
+
+def test_cfl_raise_and_flag():
+    ops, tissues, c0 = _small_tissues(32, np.float32)
+    p = ForwardParams(kappa=0.01, rho=8.0, gamma=1.0, nt=5, cfl_limit=1e-4)
+    with pytest.raises(CFLError, match="CFL"):
+        run_forward(ops, tissues, c0, p)
+    res = run_forward(ops, tissues, c0, p, on_cfl="flag")
+    assert res.cfl_flagged and res.stats.cfl_exceeded
+    assert res.stats.steps_completed == 1 and res.t_end == pytest.approx(0.04)
+
+
+def test_bad_input_messages():
+    ops, tissues, c0 = _small_tissues(16)
+    p = ForwardParams(kappa=0.01, rho=8.0, gamma=1.0)
+    with pytest.raises(ValueError, match="c0 must have shape"):
+        run_forward(ops, tissues, c0[:8], p)
+    with pytest.raises(ValueError, match="on_cfl"):
+        run_forward(ops, tissues, c0, p, on_cfl="ignore")
+    with pytest.raises(ValueError, match="snapshot time"):
+        run_forward(ops, tissues, c0, p, snapshot_times=(2.0,))
+    with pytest.raises(ValueError, match="gamma"):
+        ForwardParams(kappa=0.01, rho=8.0, gamma=-1.0)
+    with pytest.raises(ValueError, match="dt"):
+        ForwardParams(kappa=0.01, rho=8.0, gamma=1.0, dt=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        ForwardParams(kappa=float("nan"), rho=8.0, gamma=1.0)
