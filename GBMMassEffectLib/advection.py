@@ -18,13 +18,17 @@ from .spectral import SpectralOps
 
 
 class SemiLagrangian:
-    """Transport operator of one time step dt; call `set_velocity(v)` before transporting."""
+    """Transport operator of one time step dt; call `set_velocity(v)` before transporting.
 
-    def __init__(self, ops: SpectralOps, dt: float):
+    Before the first set_velocity the transport is the identity (v = 0).
+    """
+
+    def __init__(self, ops: SpectralOps, dt: float, accelerator: str = "auto"):
         dt = float(dt)
         if not np.isfinite(dt) or dt <= 0:
             raise ValueError(f"time step dt must be a positive number, got {dt}")
         self.ops, self.dt = ops, dt
+        self.accelerator = accelerator  # interpolation path, see interpolation.py
         self.n, self.h, self.xp, self.dtype = ops.n, ops.h, ops.xp, ops.dtype
         self.interpolator: CubicLagrangeInterpolator | None = None
         self.div_v = None  # (∇·v)(x)
@@ -44,7 +48,6 @@ class SemiLagrangian:
         self.max_speed = float(xp.max(speed))
         if not np.isfinite(self.max_speed):
             raise ValueError("velocity contains NaN or Inf")
-        backend = self.ops.backend
         if self.max_speed == 0.0:
             # the general path gives the same result bit for bit; skip its cost
             self._identity = True
@@ -53,16 +56,23 @@ class SemiLagrangian:
             self.div_v_at_X = self.div_v
             self.max_displacement = 0.0
             return
+        self._trajectories(v)
+
+    def _trajectories(self, v):
+        """The general path of set_velocity (also valid for v = 0)."""
+        xp, n, dt = self.xp, self.n, self.dt
+        backend = self.ops.backend
+        acc = self.accelerator
         self._identity = False
         # predictor X* = x − dt·v(x)
-        interp_star = CubicLagrangeInterpolator.from_displacement((-dt) * v, n, backend)
+        interp_star = CubicLagrangeInterpolator.from_displacement((-dt) * v, n, backend, acc)
         v_star = interp_star(v)
         # corrector X = x − dt/2·(v(x) + v(X*))
         disp = v_star
         disp += v
-        disp *= -0.5 * dt
+        disp *= self.dtype.type(-0.5 * dt)
         self.max_displacement = float(xp.max(xp.sqrt(disp[0] ** 2 + disp[1] ** 2 + disp[2] ** 2)))
-        self.interpolator = CubicLagrangeInterpolator.from_displacement(disp, n, backend)
+        self.interpolator = CubicLagrangeInterpolator.from_displacement(disp, n, backend, acc)
         self.div_v = self.ops.div(v)
         self.div_v_at_X = self.interpolator(self.div_v)
 

@@ -9,17 +9,28 @@ No B-spline prefilter (scipy's map_coordinates(order=3) is a B-spline: not this 
 At t = 0 the weights are exactly (0, 1, 0, 0), so integer offsets reproduce grid values
 bit for bit. The stencil (one flat index per point into a periodically padded copy of the
 field, and 4 weights per axis) is built once per set of points and applied to any number of
-fields; the evaluation is separable (4-tap sums along axis 2, then 1, then 0).
+fields; the evaluation is separable (4-tap sums along axis 2, then 1, then 0, always in
+that order, so every path below gives the same sums).
+
+Evaluation paths, one interface:
+- "numpy": vectorised gathers over chunks of points (cache-sized), any backend's xp;
+- "numba": a parallel CPU kernel, used on the CPU backend when numba imports (optional
+  accelerator; GBM_NUMBA=0 disables it); bit-identical to "numpy" on the same inputs;
+- on CuPy, an ElementwiseKernel (one thread per point), falling back to the xp path if it
+  cannot be compiled.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numpy as np
 
 from .backend import Backend, get_backend
 
 _PAD = 3  # a stencil starting at j ∈ [0, n) reaches j + 3 ≤ n + 2
+_CHUNK = 16384  # points per vectorised block on the numpy path (fits L2 with temporaries)
 
 
 def lagrange_weights(xp, t):
@@ -35,6 +46,115 @@ def lagrange_weights(xp, t):
     )
 
 
+# ---- optional accelerators -----------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def numba_kernels():
+    """(build_from_displacement, apply) compiled with numba, or None when numba is missing."""
+    if os.environ.get("GBM_NUMBA", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import numba
+    except Exception:
+        return None
+
+    def jit(fn):
+        try:
+            return numba.njit(parallel=True, cache=True)(fn)
+        except Exception:  # e.g. no writable cache location
+            return numba.njit(parallel=True)(fn)
+
+    def build(d, scale, P, index, weights, const):
+        # const = (1, 2, 6) in the field dtype: keeps every operation in that dtype,
+        # so the result equals the vectorised path bit for bit
+        one, two, six = const[0], const[1], const[2]
+        n = d.shape[1]
+        P2 = P * P
+        for i0 in numba.prange(n):
+            for i1 in range(n):
+                for i2 in range(n):
+                    p = (i0 * n + i1) * n + i2
+                    flat = 0
+                    for ax in range(3):
+                        q = d[ax, i0, i1, i2] * scale
+                        jf = np.floor(q)
+                        t = q - jf
+                        g = i0 if ax == 0 else (i1 if ax == 1 else i2)
+                        start = (int(jf) - 1 + g) % n
+                        flat += start * (P2 if ax == 0 else (P if ax == 1 else 1))
+                        tp1, tm1, tm2 = t + one, t - one, t - two
+                        weights[ax, 0, p] = -(t * tm1 * tm2) / six
+                        weights[ax, 1, p] = (tp1 * tm1 * tm2) / two
+                        weights[ax, 2, p] = -(tp1 * t * tm2) / two
+                        weights[ax, 3, p] = (tp1 * t * tm1) / six
+                    index[p] = flat
+
+    def apply(padded, base, w, P, out):
+        m = padded.shape[0]
+        N = base.shape[0]
+        P2 = P * P
+        for p in numba.prange(N):
+            b0 = base[p]
+            w20, w21, w22, w23 = w[2, 0, p], w[2, 1, p], w[2, 2, p], w[2, 3, p]
+            for k in range(m):
+                f = padded[k]
+                acc0 = w20 - w20  # zero in the field dtype
+                for a in range(4):
+                    acc1 = w20 - w20
+                    for b in range(4):
+                        o = b0 + a * P2 + b * P
+                        acc2 = f[o] * w20 + f[o + 1] * w21 + f[o + 2] * w22 + f[o + 3] * w23
+                        acc1 = acc1 + acc2 * w[1, b, p]
+                    acc0 = acc0 + acc1 * w[0, a, p]
+                out[k, p] = acc0
+
+    return jit(build), jit(apply)
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_kernel():
+    """One CUDA thread per point; same separable sums as the other paths."""
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "raw T f, int64 base, raw T w, int64 N, int64 P",
+        "T out",
+        """
+        const long long P2 = P * P;
+        T acc0 = 0;
+        for (int a = 0; a < 4; ++a) {
+            T acc1 = 0;
+            for (int b = 0; b < 4; ++b) {
+                const long long o = base + a * P2 + b * P;
+                T acc2 = f[o] * w[8 * N + i] + f[o + 1] * w[9 * N + i]
+                       + f[o + 2] * w[10 * N + i] + f[o + 3] * w[11 * N + i];
+                acc1 += acc2 * w[(4 + b) * N + i];
+            }
+            acc0 += acc1 * w[a * N + i];
+        }
+        out = acc0;
+        """,
+        "gbm_cubic_lagrange",
+    )
+
+
+def _resolve_accelerator(backend: Backend, accelerator: str) -> str:
+    accelerator = (accelerator or "auto").lower()
+    if accelerator not in ("auto", "numba", "numpy", "cupy"):
+        raise ValueError(f"accelerator must be 'auto', 'numba', 'numpy' or 'cupy', not {accelerator!r}")
+    if backend.name == "gpu":
+        if accelerator == "numba":
+            raise ValueError("the numba accelerator runs on the CPU backend only")
+        return "numpy" if accelerator == "numpy" else "cupy"
+    if accelerator == "cupy":
+        raise ValueError("the cupy kernel needs the GPU backend")
+    if accelerator in ("auto", "numba"):
+        if numba_kernels() is not None:
+            return "numba"
+        if accelerator == "numba":
+            raise ValueError("accelerator 'numba' was requested but numba is not importable")
+    return "numpy"
+
+
 class CubicLagrangeInterpolator:
     """Values of periodic n³ fields at a fixed set of points, by cubic Lagrange interpolation.
 
@@ -43,25 +163,26 @@ class CubicLagrangeInterpolator:
     the result has the points' trailing shape (and the stack's leading axis).
     Use `from_displacement` when the points are x + d on the grid: that form keeps the
     offsets exact (zero displacement is the identity bit for bit).
+    accelerator: "auto" (numba on CPU when available, the CUDA kernel on GPU), "numba",
+    "numpy" (the vectorised xp path) or "cupy".
     """
 
-    def __init__(self, points, n: int, backend: Backend | None = None):
+    def __init__(self, points, n: int, backend: Backend | None = None, accelerator: str = "auto"):
         backend = backend or get_backend("cpu")
         xp = backend.xp
         points = xp.asarray(points)
         if points.ndim < 1 or points.shape[0] != 3:
             raise ValueError(f"points must have shape (3, ...), got {tuple(points.shape)}")
-        self._setup(n, backend, points.shape[1:])
-        s = points.astype(np.float64) * (self.n / (2.0 * math.pi))  # grid units
+        self._setup(n, backend, points.shape[1:], accelerator)
+        s = points.astype(np.float64) * (self.n / (2.0 * math.pi))  # grid units, float64
         j = xp.floor(s)
         t = (s - j).astype(self.dtype)
-        # round-off can put t at exactly 1.0 for tiny negative s; keep t in [0, 1)
-        j = xp.where(t >= 1, j + 1, j)
+        j = xp.where(t >= 1, j + 1, j)  # float64 → dtype rounding may give t = 1
         t = xp.where(t >= 1, xp.zeros_like(t), t)
-        self._build(j.astype(np.int64), t, grid_offset=False)
+        self._build_generic(j.astype(np.int64), t, grid_offset=False)
 
     @classmethod
-    def from_displacement(cls, displacement, n: int, backend: Backend | None = None):
+    def from_displacement(cls, displacement, n: int, backend: Backend | None = None, accelerator: str = "auto"):
         """Interpolator for the points x + d of the n³ grid; d: (3, n, n, n) in domain units."""
         backend = backend or get_backend("cpu")
         xp = backend.xp
@@ -69,17 +190,23 @@ class CubicLagrangeInterpolator:
         if tuple(d.shape) != (3, n, n, n):
             raise ValueError(f"displacement must have shape (3, {n}, {n}, {n}), got {tuple(d.shape)}")
         self = cls.__new__(cls)
-        self._setup(n, backend, d.shape[1:])
-        q = d.astype(self.dtype) * self.dtype.type(self.n / (2.0 * math.pi))  # grid units
+        self._setup(n, backend, d.shape[1:], accelerator)
+        d = xp.ascontiguousarray(d, dtype=self.dtype)
+        scale = self.dtype.type(self.n / (2.0 * math.pi))
+        if self.accelerator == "numba":
+            build, _ = numba_kernels()
+            self.index = np.empty(self.size, dtype=np.int64)
+            self.weights = np.empty((3, 4, self.size), dtype=self.dtype)
+            build(d, scale, self.n + _PAD, self.index, self.weights, np.array([1, 2, 6], dtype=self.dtype))
+            return self
+        q = d * scale  # grid units
         j = xp.floor(q)
-        t = q - j  # exact in floating point
-        j = xp.where(t >= 1, j + 1, j)
-        t = xp.where(t >= 1, xp.zeros_like(t), t)
-        self._build(j.astype(np.int64), t, grid_offset=True)
+        t = q - j  # exact in floating point, t ∈ [0, 1)
+        self._build_generic(j.astype(np.int64), t, grid_offset=True)
         return self
 
     # ---- construction -----------------------------------------------------------
-    def _setup(self, n, backend, shape):
+    def _setup(self, n, backend, shape, accelerator):
         if int(n) != n or n < 4:
             raise ValueError(f"grid size n must be an integer ≥ 4, got {n}")
         self.n = int(n)
@@ -88,8 +215,10 @@ class CubicLagrangeInterpolator:
         self.dtype = np.dtype(backend.dtype)
         self.shape = tuple(int(s) for s in shape)
         self.size = int(np.prod(self.shape)) if self.shape else 1
+        self.accelerator = _resolve_accelerator(backend, accelerator)
+        self._pad_buf = None
 
-    def _build(self, j, t, grid_offset: bool):
+    def _build_generic(self, j, t, grid_offset: bool):
         xp, n = self.xp, self.n
         P = n + _PAD
         strides = (P * P, P, 1)
@@ -108,11 +237,10 @@ class CubicLagrangeInterpolator:
         self.weights = xp.stack([lagrange_weights(xp, t[a].reshape(-1)) for a in range(3)]).astype(
             self.dtype
         )
-        self._pad_buf = None
 
     # ---- evaluation --------------------------------------------------------------
     def _padded(self, fields):
-        """Periodic copy of fields (m, n, n, n) into (m, n+3, n+3, n+3)."""
+        """Periodic copy of fields (m, n, n, n) into (m, n+3, n+3, n+3), flattened per field."""
         xp, n = self.xp, self.n
         m = fields.shape[0]
         P = n + _PAD
@@ -126,39 +254,71 @@ class CubicLagrangeInterpolator:
         return buf.reshape(m, -1)
 
     def __call__(self, fields):
+        """Interpolate a field (n, n, n) or a stack (m, n, n, n) at the points."""
         xp, n = self.xp, self.n
         fields = xp.asarray(fields)
-        single = fields.ndim == 3
-        if fields.shape[-3:] != (n, n, n) or fields.ndim not in (3, 4):
+        if fields.ndim not in (3, 4) or tuple(fields.shape[-3:]) != (n, n, n):
             raise ValueError(
                 f"fields must have shape ({n}, {n}, {n}) or (m, {n}, {n}, {n}), got {tuple(fields.shape)}"
             )
+        single = fields.ndim == 3
         stack = fields[None] if single else fields
         m = stack.shape[0]
         padded = self._padded(stack)
         out = xp.empty((m, self.size), dtype=self.dtype)
-        for k in range(m):
-            out[k] = self._apply_one(padded[k])
+        if self.accelerator == "numba":
+            numba_kernels()[1](padded, self.index, self.weights, n + _PAD, out)
+        elif self.accelerator == "cupy" and self._apply_cupy(padded, out):
+            pass
+        else:
+            for k in range(m):
+                self._apply_xp(padded[k], out[k])
         out = out.reshape((m,) + self.shape)
         return out[0] if single else out
 
-    def _apply_one(self, flat_field):
-        """Σ_a w0_a Σ_b w1_b Σ_c w2_c f[base + a·P² + b·P + c] (separable 4-tap sums)."""
+    def _apply_cupy(self, padded, out) -> bool:
+        try:
+            kernel = _cupy_kernel()
+            N, P = np.int64(self.size), np.int64(self.n + _PAD)
+            for k in range(padded.shape[0]):
+                kernel(padded[k], self.index, self.weights, N, P, out[k])
+            return True
+        except Exception:  # compilation problem: use the generic xp path from now on
+            self.accelerator = "numpy"
+            return False
+
+    def _apply_xp(self, flat_field, out):
+        """out = Σ_a w0_a Σ_b w1_b Σ_c w2_c f[base + a·P² + b·P + c], over chunks of points."""
         xp = self.xp
         P = self.n + _PAD
-        base, w = self.index, self.weights
-        acc0 = None
-        for a in range(4):
-            acc1 = None
-            for b in range(4):
-                off = a * P * P + b * P
-                acc2 = None
-                for c in range(4):
-                    g = xp.take(flat_field, base + (off + c))
-                    g *= w[2, c]
-                    acc2 = g if acc2 is None else acc2 + g
-                acc2 *= w[1, b]
-                acc1 = acc2 if acc1 is None else acc1 + acc2
-            acc1 *= w[0, a]
-            acc0 = acc1 if acc0 is None else acc0 + acc1
-        return acc0
+        N = self.size
+        chunk = N if self.backend.name == "gpu" else min(N, _CHUNK)
+        g = xp.empty(chunk, dtype=self.dtype)
+        s2 = xp.empty(chunk, dtype=self.dtype)
+        s1 = xp.empty(chunk, dtype=self.dtype)
+        mul, add, take = xp.multiply, xp.add, xp.take
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            k = e - s
+            base, w = self.index[s:e], self.weights[:, :, s:e]
+            G, acc2, acc1, acc0 = g[:k], s2[:k], s1[:k], out[s:e]
+            for a in range(4):
+                for b in range(4):
+                    off = a * P * P + b * P
+                    take(flat_field[off:], base, out=acc2)
+                    mul(acc2, w[2, 0], out=acc2)
+                    for c in range(1, 4):
+                        take(flat_field[off + c :], base, out=G)
+                        mul(G, w[2, c], out=G)
+                        add(acc2, G, out=acc2)
+                    if b == 0:
+                        mul(acc2, w[1, 0], out=acc1)
+                    else:
+                        mul(acc2, w[1, b], out=acc2)
+                        add(acc1, acc2, out=acc1)
+                if a == 0:
+                    mul(acc1, w[0, 0], out=acc0)
+                else:
+                    mul(acc1, w[0, a], out=acc1)
+                    add(acc0, acc1, out=acc0)
+        return out
