@@ -35,6 +35,15 @@ EXIT_CANCELLED = 143  # 128 + SIGTERM
 _emit_lock = threading.Lock()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp uses 0600
+
+
 class Cancelled(BaseException):
     """The run was cancelled (SIGTERM/SIGINT). A BaseException, so that solver code that
     catches ``Exception`` does not swallow it (like KeyboardInterrupt)."""
@@ -131,6 +140,7 @@ class OutputSet:
         tmp = self.temp_path(final_path)
         try:
             writer(tmp)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, final_path)
         except BaseException:
             _remove(tmp)
@@ -194,6 +204,11 @@ class CancelToken:
     def __init__(self):
         self._event = threading.Event()
         self.signum: int | None = None
+        self.finished = False  # set by finish(): the output is complete, ignore signals
+
+    def finish(self) -> None:
+        """Mark the run complete: later signals no longer cancel or roll back."""
+        self.finished = True
 
     def __call__(self) -> bool:
         return self._event.is_set()
@@ -244,6 +259,8 @@ def install_signal_handlers(
     token = token or CancelToken()
 
     def _watchdog():
+        if token.finished:
+            return
         out = outputs() if outputs else None
         if out is not None:
             out.rollback()
@@ -252,6 +269,8 @@ def install_signal_handlers(
         os._exit(token.exit_code)
 
     def _handler(signum, frame):
+        if token.finished:
+            return
         first = not token.cancelled
         token.set(signum)
         if first and grace_s is not None:

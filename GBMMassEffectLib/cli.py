@@ -1,0 +1,182 @@
+"""Command line: ``python -m GBMMassEffectLib <subcommand>`` / ``gbm-calibrate``
+(ARCHITECTURE.md, "The process boundary").
+
+Every line on stdout is one JSON object: progress events, then a result event naming
+report.json, or one error event. Exit codes (progress.py): 0 complete output, 1 run-time
+failure, 2 bad input or usage, 143 cancelled by SIGTERM (130 by SIGINT); a failed or
+cancelled run removes what it wrote. No tracebacks reach the user (set GBM_DEBUG=1 to get
+them on stderr).
+
+simulate: a forward run of the §3 model from a label map and parameters (synthetic
+patients). Defaults: κ 0.025, ρ 12, γ 0.4 (TC(b)); --sigma-voxels 1 (the width of the
+§5 basis atoms, in box voxels: L/n mm, 8 mm at --grid 32, 4 mm at 64, 1 mm at 256);
+--grid 64; nt 25, dt 0.04 (26 steps, MODEL §3); --box-mm 256. --preset tc-a … tc-d sets
+κ, ρ, γ of MODEL §7 (explicit --kappa/--rho/--gamma override them) and also writes the
+synthetic patient (BraTS labels, T1-like image, ground_truth.json; presets.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from . import __version__
+from . import progress as pg
+
+_PLACEHOLDERS = {
+    "calibrate": "calibrate a patient from a job folder (DIR/job.json)",
+    "demo": "synthetic patient from the bundled atlas, then calibrate",
+    "cohort": "many patients on Dask",
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one JSON error line (exit 2)."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _triple(text: str) -> tuple:
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    try:
+        return tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gbm-calibrate",
+                description="Glioblastoma growth model with mass effect: solver command line.")
+    p.add_argument("--version", action="version", version=f"GBMMassEffectLib {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("simulate", help="forward run from a label map (synthetic patient)")
+    s.add_argument("--labels", required=True, help="label map (NIfTI/NRRD): 0 bg, 5 gm, 6 wm, 7 vt, 8 csf")
+    seed = s.add_mutually_exclusive_group()
+    seed.add_argument("--seed-ijk", type=_triple, metavar="I,J,K",
+                      help="tumor seed as a (fractional) voxel index of the label map")
+    seed.add_argument("--seed-ras", type=_triple, metavar="X,Y,Z", help="tumor seed in RAS mm")
+    s.add_argument("--preset", choices=["tc-a", "tc-b", "tc-c", "tc-d"],
+                   help="paper test case (MODEL §7); also writes the synthetic patient")
+    s.add_argument("--seed", type=int, default=None, dest="random_seed",
+                   help="random seed (preset seed point without --seed-ijk/--seed-ras, T1 noise)")
+    s.add_argument("--kappa", type=float, default=None, help="migration κ (paper units; default 0.025)")
+    s.add_argument("--rho", type=float, default=None, help="proliferation ρ (default 12)")
+    s.add_argument("--gamma", type=float, default=None, help="mass effect γ (default 0.4)")
+    s.add_argument("--sigma-voxels", type=float, default=1.0,
+                   help="width of the c0 Gaussian in box voxels (default 1, the §5 atom)")
+    s.add_argument("--grid", type=int, default=64, help="box voxels per axis n (even; default 64)")
+    s.add_argument("--nt", type=int, default=25, help="time steps nt (nt+1 steps are taken; default 25)")
+    s.add_argument("--dt", type=float, default=0.04, help="time step (default 0.04)")
+    s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    s.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    s.add_argument("--box-mm", type=float, default=256.0, help="physical box edge L in mm (default 256)")
+    s.add_argument("--out", required=True, help="output folder")
+
+    for name, text in _PLACEHOLDERS.items():
+        q = sub.add_parser(name, help=f"{text} (not implemented yet)")
+        q.add_argument("--job", metavar="DIR", help="job folder holding job.json")
+    return p
+
+
+def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
+    from .presets import get_preset
+    from .simulate import SimulateOptions, run_simulate
+
+    defaults = {"kappa": 0.025, "rho": 12.0, "gamma": 0.4}
+    if args.preset:
+        pr = get_preset(args.preset)
+        defaults = {"kappa": pr.kappa, "rho": pr.rho, "gamma": pr.gamma}
+    if not args.preset and args.seed_ijk is None and args.seed_ras is None:
+        raise UsageError("simulate needs --seed-ijk I,J,K or --seed-ras X,Y,Z (or a --preset)")
+    opt = SimulateOptions(
+        labels=args.labels, out=args.out,
+        kappa=defaults["kappa"] if args.kappa is None else args.kappa,
+        rho=defaults["rho"] if args.rho is None else args.rho,
+        gamma=defaults["gamma"] if args.gamma is None else args.gamma,
+        seed_ijk=args.seed_ijk, seed_ras=args.seed_ras, sigma_voxels=args.sigma_voxels,
+        grid=args.grid, nt=args.nt, dt=args.dt, device=args.device, precision=args.precision,
+        box_mm=args.box_mm, preset=args.preset, random_seed=args.random_seed)
+    if os.path.exists(opt.out) and not os.path.isdir(opt.out):
+        raise UsageError(f"--out {opt.out} exists and is not a folder")
+    try:
+        outputs = pg.OutputSet(opt.out)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {opt.out}: {exc.strerror}") from None
+    outputs_holder.append(outputs)
+    report_path = os.path.join(outputs.folder, "report.json")
+    run_simulate(opt, outputs, progress=pg.progress, cancel=token)
+    token.finish()
+    pg.result(report_path)
+    return pg.EXIT_OK
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    from .backend import DeviceError
+    from .geometry import GeometryError
+    from .io import ImageIOError
+
+    if isinstance(exc, (UsageError, ImageIOError, GeometryError, DeviceError)):
+        return pg.EXIT_BAD_INPUT
+    mod = type(exc).__module__
+    if isinstance(exc, ValueError) and mod.startswith("GBMMassEffectLib"):
+        return pg.EXIT_BAD_INPUT
+    return pg.EXIT_FAILURE
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if not isinstance(exc, (ValueError, RuntimeError, OSError)) or type(exc).__module__ == "builtins" \
+            and not isinstance(exc, (ValueError, OSError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit code (the console script exits with it)."""
+    outputs_holder: list = []
+    token = pg.install_signal_handlers(
+        outputs=lambda: outputs_holder[-1] if outputs_holder else None, grace_s=3.0)
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.command not in _PLACEHOLDERS:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command in _PLACEHOLDERS:
+            pg.error(f"the '{args.command}' subcommand is not implemented yet")
+            return pg.EXIT_FAILURE
+        if args.command == "simulate":
+            return _simulate(args, outputs_holder, token)
+        raise UsageError(f"unknown command {args.command!r}")
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if isinstance(exc.code, int) else 0
+    except pg.Cancelled:
+        for o in outputs_holder:
+            o.rollback()
+        pg.error(f"cancelled by {pg._signame(token.signum)}; outputs removed", cancelled=True)
+        return token.exit_code
+    except KeyboardInterrupt:
+        for o in outputs_holder:
+            o.rollback()
+        pg.error("cancelled by SIGINT; outputs removed", cancelled=True)
+        return pg.EXIT_SIGINT
+    except Exception as exc:  # noqa: BLE001 - the process boundary: one JSON line, no traceback
+        for o in outputs_holder:
+            o.rollback()
+        if os.environ.get("GBM_DEBUG"):
+            traceback.print_exc(file=sys.stderr)
+        pg.error(_message(exc))
+        return _exit_code_for(exc)
+
+
+def console_main() -> None:
+    sys.exit(main())
