@@ -114,6 +114,8 @@ def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
         raise UsageError(f"cannot create output folder {opt.out}: {exc.strerror}") from None
     outputs_holder.append(outputs)
     report_path = os.path.join(outputs.folder, "report.json")
+    if os.path.exists(report_path):  # a stale marker of completeness from an earlier run
+        os.remove(report_path)
     run_simulate(opt, outputs, progress=pg.progress, cancel=token)
     token.finish()
     pg.result(report_path)
@@ -134,11 +136,13 @@ def _exit_code_for(exc: BaseException) -> int:
 
 
 def _message(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if not isinstance(exc, (ValueError, RuntimeError, OSError)) or type(exc).__module__ == "builtins" \
-            and not isinstance(exc, (ValueError, OSError)):
-        text = f"{type(exc).__name__}: {text}"
-    return text
+    """One line: our own errors by their message, anything else with its type name."""
+    text = " ".join(str(exc).split())
+    if type(exc).__module__.startswith("GBMMassEffectLib") and text:
+        return text
+    if isinstance(exc, (ValueError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else f"internal error ({type(exc).__name__})"
 
 
 def main(argv=None) -> int:
