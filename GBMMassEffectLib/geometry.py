@@ -16,8 +16,9 @@ Conventions (keep them everywhere in the solver):
 * A box vector field u (3, n, n, n), component a along array axis a, in domain units, is
   u_mm = (L/2π)·D_box·u with D_box = D[:, ::-1] (the direction columns in array-axis
   order); u_mm's components are LPS (x = L, y = P, z = S) millimetres.
-* Images → box: labels nearest-neighbour, fractions and intensities linear (sitk.Resample
-  onto the box reference); box → image: sitk.Resample with the original image as the
+* Images → box: labels nearest-neighbour, intensities linear (sitk.Resample onto the box
+  reference), tissue fractions linear with sub-voxel averaging where the box is coarser
+  than the image (kind 'fraction'); box → image: sitk.Resample with the original image as the
   reference, so results land on the original grid exactly.
 """
 from __future__ import annotations
@@ -118,6 +119,12 @@ class BoxGeometry:
         img.SetDirection([float(v) for v in self.direction])
         return img
 
+    def refined(self, m: int) -> "BoxGeometry":
+        """The box of (m·n)³ voxels whose m³ sub-voxels tile each voxel of this box."""
+        shift = self.D @ np.full(3, self.spacing * (-0.5 + 0.5 / m))
+        return BoxGeometry(self.n * m, self.box_mm, tuple(np.asarray(self.center) + shift),
+                           self.direction)
+
     def image(self, array, is_vector: bool = False) -> sitk.Image:
         """Wrap a box array (k, j, i) [or (k, j, i, c) with is_vector] into an sitk image
         carrying the box geometry."""
@@ -128,9 +135,20 @@ class BoxGeometry:
         return self._stamp(img)
 
     def to_box(self, image: sitk.Image, kind: str = "linear", default: float = 0.0,
-               dtype=np.float32) -> np.ndarray:
+               dtype=np.float32, supersample: int | None = None) -> np.ndarray:
         """Resample an image into the box; returns the (k, j, i) array. kind: 'label'
-        (nearest neighbour, keeps the input's integer type) or 'linear'."""
+        (nearest neighbour, keeps the input's integer type), 'linear', or 'fraction'
+        (partial volumes: linear onto an m-times finer box, then the mean over each box
+        voxel's m³ sub-voxels; m = ceil(box voxel / finest image voxel), at most 4, so a
+        box coarser than the image averages instead of sampling)."""
+        if kind == "fraction":
+            m = supersample or int(min(4, max(1, math.ceil(self.spacing / min(image.GetSpacing()) - 1e-9))))
+            if m == 1:
+                return self.to_box(image, "linear", default, dtype)
+            fine = self.refined(m)
+            a = fine.to_box(image, "linear", default, np.float64)
+            n = self.n
+            return a.reshape(n, m, n, m, n, m).mean(axis=(1, 3, 5)).astype(dtype)
         interp = _INTERP[kind]
         if kind in ("label", "nearest"):
             out_type = image.GetPixelID()

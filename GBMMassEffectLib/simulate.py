@@ -4,8 +4,9 @@
 1. Read the label map (0 background, 5 gm, 6 wm, 7 ventricles, 8 csf) with its geometry;
    place the n³ box of edge L (geometry.box_for_image: image-aligned, centred on the brain,
    brain not touching the box edge).
-2. Tissue fractions: the one-hot maps of 5/6/7/8 resampled linearly into the box (partial
-   volumes), then smoothed one voxel (MODEL §2; Tissues.smoothed).
+2. Tissue fractions: the one-hot maps of 5/6/7/8 resampled linearly into the box, averaged
+   over sub-voxels where the box is coarser than the image (partial volumes;
+   BoxGeometry.to_box kind 'fraction'), then smoothed one voxel (MODEL §2; Tissues.smoothed).
 3. c0: one §5 Gaussian atom at the seed (σ = sigma_voxels box voxels, default 1, the width
    of the S.1 basis so a synthetic c0 is representable by it), brain mask of §2, divided
    by its max (max c0 = 1). The seed must lie in gray or white matter.
@@ -96,14 +97,14 @@ def seed_point(labels: sitk.Image, seed_ijk=None, seed_ras=None) -> tuple[np.nda
 
 
 def box_tissues(geom: BoxGeometry, labels: sitk.Image, ops):
-    """Tissue fractions in the box: one-hot 5/6/7/8 resampled linearly, smoothed one voxel."""
+    """Tissue fractions in the box: one-hot 5/6/7/8 as partial volumes, smoothed one voxel."""
     from .tissue import Tissues
 
     a = sitk.GetArrayViewFromImage(labels)
     fr = {}
     for name in ("wm", "gm", "vt", "csf"):
         onehot = io.image_like((a == io.TISSUE_LABELS[name]).astype(np.float32), labels)
-        fr[name] = geom.to_box(onehot, "linear", dtype=np.dtype(ops.dtype))
+        fr[name] = geom.to_box(onehot, "fraction", dtype=np.dtype(ops.dtype))
     t = Tissues.from_fractions(ops.xp, fr["wm"], fr["gm"], fr["vt"], fr["csf"], dtype=ops.dtype)
     return t.smoothed(ops)
 

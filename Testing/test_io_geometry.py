@@ -302,3 +302,24 @@ def test_atlas_as_4mm_nifti(glia_testdata, tmp_path):
         box_for_image(img, n=32, box_mm=200.0)
     with pytest.raises(GeometryError, match="even integer"):
         box_for_image(img, n=31)
+
+
+def test_fractions_are_partial_volumes(glia_testdata, tmp_path):
+    """kind 'fraction': a box four times as coarse as the image, with cells aligned to the
+    image voxels, gets exactly the 4×4×4 block means of the one-hot map (linear sampling
+    at the cell centres only sees the central 2×2×2)."""
+    img = io.read_label_map(atlas_nifti(glia_testdata, tmp_path))  # 4 mm, 64³
+    a = io.array(img)
+    onehot = (a == 7).astype(np.float32)  # ventricles: small and thin, aliasing shows
+    # box of 16 voxels of 16 mm whose cell I covers image voxels 4I … 4I+3 on every axis
+    c = img.TransformContinuousIndexToPhysicalPoint([33.5, 33.5, 33.5])  # box voxel 8
+    geom = BoxGeometry(16, 256.0, tuple(c), img.GetDirection())
+    assert np.allclose(geom.index_to_physical([0, 0, 0]),
+                       img.TransformContinuousIndexToPhysicalPoint([1.5, 1.5, 1.5]))
+    frac = geom.to_box(io.image_like(onehot, img), "fraction", dtype=np.float64)
+    blocks = onehot.reshape(16, 4, 16, 4, 16, 4).mean(axis=(1, 3, 5))
+    assert np.abs(frac - blocks).max() < 1e-6
+    assert frac.sum() * 16**3 == pytest.approx(onehot.sum() * 4**3)
+    sampled = geom.to_box(io.image_like(onehot, img), "linear", dtype=np.float64)
+    assert np.abs(sampled - blocks).max() > 0.2
+    assert 0.0 <= frac.min() and frac.max() <= 1.0
