@@ -258,7 +258,8 @@ def test_sigterm_stops_and_leaves_nothing(atlas_files, tmp_path):
             proc.kill()
     lines += [json.loads(x) for x in rest.splitlines()]
     assert proc.returncode == pg.EXIT_CANCELLED
-    assert elapsed < 3.0  # cooperative stop: the forward polls cancel() every step
+    # the forward polls cancel() every step; the watchdog forces a stop 3 s after the signal
+    assert elapsed < 6.0, lines[-1]
     assert lines[-1]["event"] == "error" and lines[-1].get("cancelled") is True
     assert not any(e["event"] == "result" for e in lines)
     assert "Traceback" not in err
