@@ -52,6 +52,24 @@ def _triple(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected three numbers, got {text!r}") from None
 
 
+_VECTOR_OPTIONS = ("--seed-ijk", "--seed-ras")
+
+
+def _join_negative_vectors(argv: list[str]) -> list[str]:
+    """'--seed-ras -20,5,3' → '--seed-ras=-20,5,3' (argparse would take -20,5,3 for an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in _VECTOR_OPTIONS and nxt[:1] == "-" and (nxt[1:2].isdigit() or nxt[1:2] == "."):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gbm-calibrate",
                 description="Glioblastoma growth model with mass effect: solver command line.")
@@ -152,6 +170,7 @@ def main(argv=None) -> int:
         outputs=lambda: outputs_holder[-1] if outputs_holder else None, grace_s=3.0)
     try:
         parser = build_parser()
+        argv = _join_negative_vectors(list(sys.argv[1:] if argv is None else argv))
         args, unknown = parser.parse_known_args(argv)
         if unknown and args.command not in _PLACEHOLDERS:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

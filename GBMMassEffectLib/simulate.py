@@ -16,6 +16,11 @@
    argmax of the deformed fractions (bg 0, gm 5, wm 6, vt 7, csf 8), tumor 1 where c(1)
    exceeds every tissue fraction.
 Outputs are written atomically through progress.OutputSet, report.json last.
+
+displacement.nrrd holds the model's u at the deformed position x (tissue now at x came
+from about x − u(x)), LPS mm, ITK vector image. As an ITK displacement-field transform
+(p ↦ p + field(p), resampling direction) the field −u resamples the healthy image into
+the deformed state: deformed(x) ≈ healthy(x − u(x)).
 """
 from __future__ import annotations
 
@@ -326,7 +331,8 @@ def run_simulate(opt: SimulateOptions, outputs: OutputSet, progress=None, cancel
         "versions": _versions(backend),
         "outputs": {k: str(v) for k, v in files.items()},
         "conventions": {
-            "displacement": "LPS millimetres on the input grid, u_mm = (L/2π)·D_box·u_box",
+            "displacement": "LPS millimetres on the input grid, u_mm = (L/2π)·D_box·u_box; "
+                            "deformed(x) ≈ healthy(x − u(x))",
             "labels": "0 bg, 5 gm, 6 wm, 7 vt, 8 csf, 1 tumor (c(1) above every tissue fraction)",
         },
     }

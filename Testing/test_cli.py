@@ -215,6 +215,8 @@ def test_bad_inputs_give_one_json_error(atlas_files, tmp_path):
     assert_one_line_error(proc, ev, 2, "outside the brain")
     proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ijk", "99,1,1", *common)
     assert_one_line_error(proc, ev, 2, "outside the image")
+    proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ras", "-500,-1.5,-2", *common)
+    assert_one_line_error(proc, ev, 2, "RAS -500.0, -1.5, -2.0 mm) is outside the image")
     _nan_image(tmp_path / "nan.nii.gz")
     proc, ev = run_cli("simulate", "--labels", tmp_path / "nan.nii.gz", "--seed-ijk", "10,10,10", *common)
     assert_one_line_error(proc, ev, 2, "NaN")
