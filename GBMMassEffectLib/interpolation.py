@@ -63,6 +63,18 @@ def numba_kernels():
         except Exception:  # e.g. no writable cache location
             return numba.njit(parallel=True)(fn)
 
+    def axis(q, g, n, one, two, six):
+        """Stencil start (wrapped) and the 4 weights along one axis; q in grid units."""
+        jf = np.floor(q)
+        t = q - jf
+        start = int(jf) - 1 + g
+        if start < 0 or start >= n:
+            start %= n
+        tp1, tm1, tm2 = t + one, t - one, t - two
+        return start, -(t * tm1 * tm2) / six, (tp1 * tm1 * tm2) / two, -(tp1 * t * tm2) / two, (tp1 * t * tm1) / six
+
+    axis = numba.njit(inline="always")(axis)
+
     def build(d, scale, P, index, weights, const):
         # const = (1, 2, 6) in the field dtype: keeps every operation in that dtype,
         # so the result equals the vectorised path bit for bit
@@ -71,22 +83,16 @@ def numba_kernels():
         P2 = P * P
         for i0 in numba.prange(n):
             for i1 in range(n):
+                p = (i0 * n + i1) * n
                 for i2 in range(n):
-                    p = (i0 * n + i1) * n + i2
-                    flat = 0
-                    for ax in range(3):
-                        q = d[ax, i0, i1, i2] * scale
-                        jf = np.floor(q)
-                        t = q - jf
-                        g = i0 if ax == 0 else (i1 if ax == 1 else i2)
-                        start = (int(jf) - 1 + g) % n
-                        flat += start * (P2 if ax == 0 else (P if ax == 1 else 1))
-                        tp1, tm1, tm2 = t + one, t - one, t - two
-                        weights[ax, 0, p] = -(t * tm1 * tm2) / six
-                        weights[ax, 1, p] = (tp1 * tm1 * tm2) / two
-                        weights[ax, 2, p] = -(tp1 * t * tm2) / two
-                        weights[ax, 3, p] = (tp1 * t * tm1) / six
-                    index[p] = flat
+                    s0, a0, a1, a2, a3 = axis(d[0, i0, i1, i2] * scale, i0, n, one, two, six)
+                    s1, b0, b1, b2, b3 = axis(d[1, i0, i1, i2] * scale, i1, n, one, two, six)
+                    s2, c0, c1, c2, c3 = axis(d[2, i0, i1, i2] * scale, i2, n, one, two, six)
+                    index[p] = s0 * P2 + s1 * P + s2
+                    weights[0, 0, p], weights[0, 1, p], weights[0, 2, p], weights[0, 3, p] = a0, a1, a2, a3
+                    weights[1, 0, p], weights[1, 1, p], weights[1, 2, p], weights[1, 3, p] = b0, b1, b2, b3
+                    weights[2, 0, p], weights[2, 1, p], weights[2, 2, p], weights[2, 3, p] = c0, c1, c2, c3
+                    p += 1
 
     def apply(padded, base, w, P, out):
         m = padded.shape[0]
