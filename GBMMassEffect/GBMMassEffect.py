@@ -393,7 +393,8 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
                     "csf": ("csf", "cerebrospinal")}
     TUMOR_COLOR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat",
                        "vtkMRMLColorTableNodeWarm1")
-    DISPLACEMENT_COLOR_IDS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeRainbow")
+    DISPLACEMENT_COLOR_IDS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeCool1",
+                              "vtkMRMLColorTableNodeRainbow")
     TUMOR_THRESHOLD = 0.1
     DISPLACEMENT_THRESHOLD_MM = 0.5
 
@@ -626,7 +627,8 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
         else:
             args += ["--kappa", repr(float(kappa)), "--rho", repr(float(rho)), "--gamma", repr(float(gamma))]
         if seedRAS is not None:
-            args += ["--seed-ras", ",".join(repr(float(v)) for v in seedRAS)]
+            # one "--opt=value" token: a leading minus must not read as an option
+            args += ["--seed-ras=" + ",".join(repr(float(v)) for v in seedRAS)]
         args += [str(a) for a in extraArgs]
         return self._run(self.JOB_SIMULATE, folder, pythonModuleCommand(self._interpreter(), args), device,
                          labelsVolume, eventCallback, waitForCompletion, timeout, keepJobFolder)
