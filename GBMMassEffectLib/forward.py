@@ -173,7 +173,10 @@ def _check_inputs(ops: SpectralOps, tissues: Tissues, c0):
             raise ValueError(f"tissue map {name} must have shape ({n}, {n}, {n}), got {tuple(a.shape)}")
     if not bool(xp.all(xp.isfinite(c0))):
         raise ValueError("c0 contains NaN or Inf")
-    return c0
+    maps = [getattr(tissues, name) for name in ("wm", "gm", "vt", "csf", "bg")]
+    if any(getattr(a, "dtype", None) != ops.dtype or not isinstance(a, xp.ndarray) for a in maps):
+        tissues = Tissues(*[xp.asarray(a, dtype=ops.dtype) for a in maps])
+    return c0, tissues
 
 
 def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
@@ -194,7 +197,7 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
     dtype = ops.dtype
     dt = float(params.dt)
     n_steps = params.n_steps
-    c = _check_inputs(ops, tissue, c0)
+    c, tissue = _check_inputs(ops, tissue, c0)
     snap_index = {}
     for ts in snapshot_times:
         ts = float(ts)
