@@ -159,6 +159,14 @@ class BoxGeometry:
         a = sitk.GetArrayFromImage(res)
         return a if kind in ("label", "nearest") else a.astype(dtype, copy=False)
 
+    def label_fraction(self, labels: sitk.Image, values, dtype=np.float32) -> np.ndarray:
+        """Partial-volume fraction in the box of the voxels whose label is in values (e.g.
+        the tumor core {1, 4}): the one-hot map resampled with kind 'fraction'."""
+        a = sitk.GetArrayViewFromImage(labels)
+        onehot = sitk.GetImageFromArray(np.isin(a, list(values)).astype(np.float32))
+        onehot.CopyInformation(labels)
+        return self.to_box(onehot, "fraction", dtype=dtype)
+
     def from_box(self, array, reference: sitk.Image, kind: str = "linear",
                  default: float = 0.0, pixel_id=None) -> sitk.Image:
         """Resample a box array (k, j, i) onto the reference image's grid (exactly its

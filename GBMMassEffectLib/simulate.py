@@ -101,15 +101,17 @@ def seed_point(labels: sitk.Image, seed_ijk=None, seed_ras=None) -> tuple[np.nda
     return lps, ijk
 
 
-def box_tissues(geom: BoxGeometry, labels: sitk.Image, ops):
-    """Tissue fractions in the box: one-hot 5/6/7/8 as partial volumes, smoothed one voxel."""
+def box_tissues(geom: BoxGeometry, labels: sitk.Image, ops, tumor_as: str | None = None):
+    """Tissue fractions in the box: one-hot 5/6/7/8 as partial volumes, smoothed one voxel.
+    tumor_as='wm' (or 'gm', …) counts the BraTS tumor labels 1, 2, 4 as that tissue (S.1)."""
     from .tissue import Tissues
 
-    a = sitk.GetArrayViewFromImage(labels)
     fr = {}
     for name in ("wm", "gm", "vt", "csf"):
-        onehot = io.image_like((a == io.TISSUE_LABELS[name]).astype(np.float32), labels)
-        fr[name] = geom.to_box(onehot, "fraction", dtype=np.dtype(ops.dtype))
+        values = {io.TISSUE_LABELS[name]}
+        if tumor_as == name:
+            values |= set(io.BRATS_LABELS.values())
+        fr[name] = geom.label_fraction(labels, values, dtype=np.dtype(ops.dtype))
     t = Tissues.from_fractions(ops.xp, fr["wm"], fr["gm"], fr["vt"], fr["csf"], dtype=ops.dtype)
     return t.smoothed(ops)
 

@@ -321,3 +321,27 @@ def test_fractions_are_partial_volumes(glia_testdata, tmp_path):
     sampled = geom.to_box(io.image_like(onehot, img), "linear", dtype=np.float64)
     assert np.abs(sampled - blocks).max() > 0.2
     assert 0.0 <= frac.min() and frac.max() <= 1.0
+
+
+def test_box_tissues_counts_tumor_as_white_matter(glia_testdata, tmp_path):
+    from GBMMassEffectLib.backend import get_backend
+    from GBMMassEffectLib.simulate import box_tissues
+    from GBMMassEffectLib.spectral import SpectralOps
+
+    img = io.read_label_map(atlas_nifti(glia_testdata, tmp_path))
+    a = io.array(img)
+    a2 = a.copy()
+    a2[30:36, 30:36, 30:36] = np.array([1, 2, 4, 4, 1, 2], np.uint8)[None, None, :]
+    img2 = io.image_like(a2, img)
+    geom = box_for_image(img, n=32)
+    ops = SpectralOps(32, get_backend("cpu", "float64"))
+    t_ref = box_tissues(geom, img, ops)
+    t_tum = box_tissues(geom, img2, ops, tumor_as="wm")
+    h3 = geom.spacing**3
+    # total fractions match the labelled volumes (partial volumes; smoothing keeps sums)
+    assert t_ref.wm.sum() * h3 == pytest.approx((a == 6).sum() * 64.0, rel=2e-3)
+    assert t_ref.gm.sum() * h3 == pytest.approx((a == 5).sum() * 64.0, rel=2e-3)
+    assert t_tum.wm.sum() * h3 == pytest.approx(np.isin(a2, (1, 2, 4, 6)).sum() * 64.0, rel=2e-3)
+    assert 0.0 <= t_ref.bg.min() and t_ref.bg.max() <= 1.0 + 1e-9
+    core = geom.label_fraction(img2, (1, 4))
+    assert core.sum() * h3 == pytest.approx(np.isin(a2, (1, 4)).sum() * 64.0, rel=2e-3)
