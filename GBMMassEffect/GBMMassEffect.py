@@ -9,7 +9,6 @@ import enum
 import json
 import logging
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -312,7 +311,7 @@ class GBMMassEffectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = text
 
     def addLog(self, text) -> None:
-        if self.ui.logTextEdit.toPlainText().__len__() > 256 * 1024:
+        if len(self.ui.logTextEdit.toPlainText()) > 256 * 1024:
             self.ui.logTextEdit.clear()
         self.ui.logTextEdit.appendPlainText(text)
 
@@ -438,7 +437,7 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
         if device == "cpu" or not self.gpuAvailable():
             return False
         try:
-            import cupy  # noqa: F401
+            import cupy  # noqa: F401  (installed already)
             return False
         except ImportError:
             pass
@@ -724,16 +723,20 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
-    def readDisplacementTransform(path, name):
-        """The displacement field as a grid transform. The file holds ITK displacement
-        vectors (LPS mm); Slicer reads them as the resampling (FromParent) transform:
-        RAS point p maps to p + (-u_L, -u_P, u_S)."""
+    def readDisplacementTransform(path, name, scale=1.0):
+        """A displacement-field file (ITK vector image, LPS mm) as a grid transform.
+        Slicer reads it as the resampling (FromParent) transform, RAS p -> p + R(field(p))
+        with R = diag(-1, -1, 1); ``scale`` multiplies the field (-1 for the solver's u)."""
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", slicer.mrmlScene.GenerateUniqueName(name))
         storage = slicer.vtkMRMLTransformStorageNode()
         storage.SetFileName(path)
         if not storage.ReadData(node):
             slicer.mrmlScene.RemoveNode(node)
             raise RuntimeError(f"reading {os.path.basename(path)} as a displacement field failed")
+        if scale != 1.0:
+            field = slicer.util.arrayFromGridTransform(node)
+            field *= scale
+            slicer.util.arrayFromGridTransformModified(node)
         return node
 
     @staticmethod
@@ -801,8 +804,11 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
             nodes["tumor"] = self.readVolume(os.path.join(outputFolder, "predicted_tumor.nrrd"), prefix + "predicted tumor")
             nodes["displacementNorm"] = self.readVolume(os.path.join(outputFolder, "displacement_norm.nrrd"),
                                                         prefix + "displacement (mm)")
+            # displacement.nrrd holds u at the deformed position (tissue now at x came from
+            # x - u(x)); the field -u is the transform that resamples the healthy brain
+            # into the deformed one (deformed(x) = healthy(x - u(x)))
             nodes["displacement"] = self.readDisplacementTransform(os.path.join(outputFolder, "displacement.nrrd"),
-                                                                   prefix + "displacement")
+                                                                   prefix + "displacement", scale=-1.0)
             initial = os.path.join(outputFolder, "initial_condition.nrrd")
             if os.path.isfile(initial):
                 nodes["initialCondition"] = self.readVolume(initial, prefix + "initial condition")
@@ -986,7 +992,6 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         return labels
 
     def makeLabelVolume(self, labels=None, name="GBM test labels"):
-        import numpy as np
         labels = self.atlasLabels32() if labels is None else labels
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
         slicer.util.updateVolumeFromArray(node, labels)
@@ -1060,13 +1065,15 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.assertGreater(float(u.max()), 0.1)  # gamma > 0 pushes tissue (mm)
         self.assertLess(float(u.max()), 40.0)
         self.assertAlmostEqual(float(u.max()), job.report["max_u_mm_on_input_grid"], places=3)
-        # the grid transform carries the same field: |FromParent(p) - p| = |u|(p) at the max
+        # the grid transform carries -u: |FromParent(p) - p| = |u|(p) at the max, and the
+        # resampling transform points back towards the seed (tissue was pushed away from it)
         k, j, i = np.unravel_index(int(np.argmax(u)), u.shape)
         ijk2ras = vtk.vtkMatrix4x4()
         norm.GetIJKToRASMatrix(ijk2ras)
         p = ijk2ras.MultiplyPoint([float(i), float(j), float(k), 1.0])[:3]
         q = transform.GetTransformFromParent().TransformPoint(p)
         self.assertAlmostEqual(float(np.linalg.norm(np.subtract(q, p))), float(u[k, j, i]), delta=1e-3 * max(1.0, float(u[k, j, i])))
+        self.assertLess(float(np.linalg.norm(np.subtract(q, seed))), float(np.linalg.norm(np.subtract(p, seed))))
         # display: tumor thresholded with a colour map, |u| with a colour map and a legend
         display = tumor.GetDisplayNode()
         self.assertTrue(display.GetApplyThreshold())

@@ -157,6 +157,10 @@ def test_displacement_transform_convention(gbm, tmp_path):
     p = [-16.0, -29.0, 41.0]  # RAS of LPS (16, 29, 41), inside the grid
     q = node.GetTransformFromParent().TransformPoint(p)
     np.testing.assert_allclose(np.subtract(q, p), [-1.0, -2.0, 3.0], atol=1e-5)
+    # the module loads the solver's u with scale -1: p -> p - R u(p)
+    negated = module.GBMMassEffectLogic.readDisplacementTransform(path, "minus u", scale=-1.0)
+    q = negated.GetTransformFromParent().TransformPoint(p)
+    np.testing.assert_allclose(np.subtract(q, p), [1.0, 2.0, -3.0], atol=1e-5)
 
 
 def test_parameter_rows(selfTest):

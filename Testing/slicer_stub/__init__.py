@@ -92,7 +92,6 @@ def _newScene(slicer):
 def install():
     """Make ``import slicer, qt, ctk`` and the scripted-module imports work under pytest.
     Idempotent; returns the ``slicer`` package."""
-    import vtk  # noqa: F401  (slicer-core's pinned vtk)
     import slicer
     import slicer.util  # noqa: F401
 
