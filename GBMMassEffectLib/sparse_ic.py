@@ -1,0 +1,413 @@
+"""Stage S.1: sparse initial-condition inversion ("where did the tumor start?"), MODEL.md §6.
+
+Unknowns (p, κ, ρ) of the §4 reaction–diffusion model on the patient brain (tumor labels
+counted as white matter), c0 = Φp (§5), objective
+    J(p, κ, ρ) = ½h³‖O c(1) − O d‖² + β/2·h³‖Φp‖²
+with the exact discrete adjoint gradients of reaction_diffusion.py.
+
+Algorithm (CoSaMP over the adjoint gradient, per connected tumor component):
+  1. g = ∂J/∂p at the current iterate with β = 0 (the ranking gradient, §5);
+  2. in every connected component of {d > threshold}, add the 2s largest |g_i| of its
+     candidate atoms to the support S (s = 5 per component);
+  3. bound-constrained L-BFGS-B (scipy) over (p_S, κ) with ρ fixed (the reference's choice;
+     `rho_in_subspace=True` adds ρ), p ≥ 0, κ ∈ [1e-4, 0.5], ρ ∈ [1, 18];
+  4. hard threshold: keep the s largest p_i per component; repeat (4 iterations);
+  5. final solve.  `final="joint"` (default): one L-BFGS-B over (p_S, κ, ρ), then c0 = Φp_S
+     rescaled to max 1 and a short (κ, ρ) solve with that c0 fixed.
+     `final="reference"`: rescale c0 to max 1, start ρ from the best misfit over
+     {3, 6, 9, 10, 12, 15}, then a (κ, ρ) solve (what the reference does).
+     The joint variant recovers at least as well (Testing/test_sparse_ic.py shows it on a
+     synthetic source: it also moves p_S, so the shape of c0 is refitted with ρ).
+L-BFGS-B works on scaled variables (p, κ/0.01, ρ) and the objective divided by
+J_ref = ½h³‖Od‖², so that its default tolerances are meaningful at every grid size.
+
+Progress: `progress(dict(stage="S.1", iteration, objective, gradient_norm, support,
+fraction, message))` once per L-BFGS-B iteration; `cancel()` returning True raises
+progress.Cancelled at the next objective evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage
+import scipy.optimize
+
+from .backend import to_numpy
+from .basis import GaussianBasis, brain_mask, candidate_centres
+from .observation import BETA_DEFAULT, Misfit
+from .progress import Cancelled, check_cancel
+from .reaction_diffusion import ReactionDiffusion, coefficient_fraction
+from .spectral import SpectralOps
+
+__all__ = ["SparseICOptions", "SparseICResult", "S1Objective", "solve_sparse_ic", "solve_kappa_rho", "Cancelled",
+           "tumor_components", "coarsen"]
+
+KAPPA_SCALE = 0.01  # L-BFGS-B sees κ/0.01 (cf. the reference's 100·κ)
+
+
+@dataclass
+class SparseICOptions:
+    """Settings of stage S.1 (defaults: MODEL.md §5, §6)."""
+
+    sparsity: int = 5  # s per connected tumor component
+    cosamp_iterations: int = 4
+    beta: float = BETA_DEFAULT
+    kappa0: float = 0.05
+    rho0: float = 10.0
+    kappa_bounds: tuple = (1e-4, 0.5)
+    rho_bounds: tuple = (1.0, 18.0)
+    rho_in_subspace: bool = False
+    final: str = "joint"  # "joint" | "reference"
+    rho_grid: tuple = (3.0, 6.0, 9.0, 10.0, 12.0, 15.0)
+    subspace_maxiter: int = 30
+    final_maxiter: int = 50
+    polish_maxiter: int = 15
+    nt: int = 40
+    rtol: float = 1e-6
+    sigma: float | None = None  # atom width, default one voxel
+    component_threshold: float = 0.1
+    gm_ratio_k: float = 0.0
+    gm_ratio_rho: float = 0.0
+
+    def check(self):
+        if self.sparsity < 1:
+            raise ValueError(f"sparsity must be ≥ 1, got {self.sparsity}")
+        if self.final not in ("joint", "reference"):
+            raise ValueError(f"final must be 'joint' or 'reference', not {self.final!r}")
+        lo, hi = self.kappa_bounds
+        if not 0 < lo < hi:
+            raise ValueError(f"bad kappa bounds {self.kappa_bounds}")
+        lo, hi = self.rho_bounds
+        if not 0 <= lo < hi:
+            raise ValueError(f"bad rho bounds {self.rho_bounds}")
+
+
+class SparseICResult(scipy.optimize.OptimizeResult):
+    """OptimizeResult with: x (p over all candidates), p, c0, support (indices), centres,
+    kappa, rho, fun (objective), misfit, relative_error, nit, nfev, status, success,
+    message, history (one dict per iteration), components, basis."""
+
+
+def tumor_components(d, threshold: float = 0.1):
+    """Connected components (6-connectivity) of {d > threshold}: (labels, count)."""
+    lab, k = scipy.ndimage.label(to_numpy(d) > threshold)
+    return lab, int(k)
+
+
+def coarsen(f, factor: int = 2):
+    """Block mean over factor³ voxels (host numpy): a coarse-level copy of a fraction map."""
+    a = np.asarray(to_numpy(f), dtype=np.float64)
+    n = a.shape[0]
+    if n % factor:
+        raise ValueError(f"grid size {n} is not divisible by {factor}")
+    m = n // factor
+    return a.reshape(m, factor, m, factor, m, factor).mean(axis=(1, 3, 5))
+
+
+class S1Objective:
+    """J(p, κ, ρ) and its exact gradient (MODEL.md §4, §5)."""
+
+    def __init__(self, ops: SpectralOps, basis: GaussianBasis, model: ReactionDiffusion,
+                 misfit: Misfit, beta: float = BETA_DEFAULT, cancel=None):
+        self.ops, self.basis, self.model, self.misfit = ops, basis, model, misfit
+        self.beta, self.cancel = beta, cancel
+        self.nfev = 0
+
+    def evaluate(self, p, kappa: float, rho: float, beta: float | None = None, c0=None,
+                 gradient: bool = True):
+        """(J, g_p over all atoms of `self.basis`, g_κ, g_ρ, misfit, c1).
+
+        c0 given: evaluate with that initial condition (g_p then refers to ∂J/∂c0 = λ0).
+        """
+        check_cancel(self.cancel)
+        self.nfev += 1
+        beta = self.beta if beta is None else beta
+        ops = self.ops
+        c0 = self.basis.apply(p) if c0 is None else c0
+        if not gradient:
+            c1 = self.model.forward(c0, kappa, rho)
+            mis = self.misfit.value(c1)
+            return mis + _reg(ops, c0, beta), None, None, None, mis, c1
+        traj = self.model.forward(c0, kappa, rho, store=True)
+        c1 = traj.c1
+        mis = self.misfit.value(c1)
+        lam0, gk, gr = self.model.adjoint(traj, self.misfit.gradient(c1))
+        if beta:
+            lam0 = lam0 + ops.dtype.type(beta * ops.h**3) * c0
+        return mis + _reg(ops, c0, beta), lam0, gk, gr, mis, c1
+
+    def gradient_p(self, lam0):
+        return to_numpy(self.basis.adjoint(lam0))
+
+
+def _reg(ops, c0, beta):
+    if not beta:
+        return 0.0
+    return 0.5 * beta * ops.h**3 * float(ops.xp.sum(c0 * c0, dtype=np.float64))
+
+
+class _Run:
+    """Book-keeping of one S.1 run: counters, progress lines, history."""
+
+    def __init__(self, progress, total_phases: int):
+        self.progress, self.total = progress, max(1, total_phases)
+        self.phase = 0
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    def report(self, objective, gnorm, support, message, sub_fraction=0.0):
+        self.iteration += 1
+        frac = min(1.0, (self.phase + min(sub_fraction, 1.0)) / self.total)
+        rec = dict(stage="S.1", iteration=self.iteration, objective=float(objective),
+                   gradient_norm=float(gnorm), support=int(support), fraction=float(frac),
+                   message=message)
+        self.history.append(rec)
+        if self.progress is not None:
+            self.progress(dict(rec))
+
+
+def _lbfgsb(fun, x0, bounds, maxiter, run: _Run, support: int, label: str, ftol: float = 1e-6):
+    """scipy L-BFGS-B with jac=True, one progress line per iteration."""
+    cache = {}
+
+    def f(x):
+        val, g = fun(x)
+        cache["last"] = (val, g)
+        return val, g
+
+    count = [0]
+
+    def callback(intermediate_result):
+        count[0] += 1
+        val, g = cache.get("last", (float("nan"), np.zeros(1)))
+        xk = intermediate_result.x
+        lo = np.array([b[0] if b[0] is not None else -np.inf for b in bounds])
+        hi = np.array([b[1] if b[1] is not None else np.inf for b in bounds])
+        pg = np.clip(xk - g, lo, hi) - xk  # projected gradient
+        run.report(intermediate_result.fun, float(np.linalg.norm(pg)), support,
+                   f"{label}: iteration {count[0]}", count[0] / max(1, maxiter))
+
+    res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                  callback=callback, options=dict(maxiter=maxiter, maxcor=10, ftol=ftol))
+    return res
+
+
+def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICOptions | None = None,
+                    progress=None, cancel=None, basis: GaussianBasis | None = None,
+                    mask=None) -> SparseICResult:
+    """Run stage S.1 (MODEL.md §6) on tissue fractions (tumor counted as wm) and data d.
+
+    Returns a SparseICResult; raises progress.Cancelled when `cancel()` turns True.
+    """
+    opt = options or SparseICOptions()
+    opt.check()
+    xp, n, h = ops.xp, ops.n, ops.h
+    shape = (n, n, n)
+    fields = {}
+    for name, f in (("wm", wm), ("gm", gm), ("vt", vt), ("csf", csf), ("data", data)):
+        f = xp.asarray(f if f is not None else np.zeros(shape), dtype=ops.dtype)
+        if f.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {f.shape}")
+        fields[name] = f
+    d = fields["data"]
+    if float(xp.max(d)) <= opt.component_threshold:
+        raise ValueError(f"tumor data has no voxel above {opt.component_threshold}: nothing to invert")
+    m_k = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_k, xp)
+    m_r = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_rho, xp)
+    model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
+    misfit = Misfit(ops, d, O)
+    if mask is None:
+        mask = brain_mask(fields["wm"], fields["gm"], fields["vt"], xp)
+    if basis is None:
+        C = candidate_centres(ops, d, opt.sigma, threshold=0.1)
+        if len(C) == 0:
+            raise ValueError("no candidate Gaussian centres: no tumor region where the σ-ball "
+                             "is > 90% above 0.1")
+        basis = GaussianBasis(ops, C, opt.sigma, mask)
+    obj = S1Objective(ops, basis, model, misfit, opt.beta, cancel)
+    J_ref = misfit.value(xp.zeros(shape, dtype=ops.dtype))
+    if not J_ref > 0:
+        raise ValueError("the observed data O·d is zero: nothing to invert")
+
+    # components of every candidate atom
+    lab, ncomp = tumor_components(d, opt.component_threshold)
+    idx = np.rint(basis.centres / h).astype(np.int64) % n
+    comp = lab[idx[:, 0], idx[:, 1], idx[:, 2]]
+    if np.any(comp == 0):  # an atom outside the thresholded data: attach to nearest component
+        dist = scipy.ndimage.distance_transform_edt(lab == 0, return_indices=True)[1]
+        z = comp == 0
+        comp[z] = lab[dist[0][idx[z, 0], idx[z, 1], idx[z, 2]], dist[1][idx[z, 0], idx[z, 1], idx[z, 2]],
+                      dist[2][idx[z, 0], idx[z, 1], idx[z, 2]]]
+    comps = [c for c in range(1, ncomp + 1) if np.any(comp == c)]
+    s = opt.sparsity
+
+    kb, rb = opt.kappa_bounds, opt.rho_bounds
+    kappa = float(np.clip(opt.kappa0, *kb))
+    rho = float(np.clip(opt.rho0, *rb))
+    p = np.zeros(basis.m)
+    S = np.zeros(0, dtype=np.int64)
+    run = _Run(progress, opt.cosamp_iterations + 2)
+    status, message = 0, "converged"
+    nit_total = 0
+
+    def make_fun(T, with_kappa=True, with_rho=False, c0_fixed=None):
+        sub = basis.subset(T) if c0_fixed is None else None
+        nT = len(T) if c0_fixed is None else 0
+
+        def unpack(x):
+            pT = x[:nT]
+            k = x[nT] * KAPPA_SCALE if with_kappa else kappa_cur[0]
+            r = x[nT + int(with_kappa)] if with_rho else rho_cur[0]
+            return pT, float(k), float(r)
+
+        def fun(x):
+            pT, k, r = unpack(x)
+            c0 = sub.apply(pT) if c0_fixed is None else c0_fixed
+            J, lam0, gk, gr, _, _ = obj.evaluate(None, k, r, c0=c0)
+            g = []
+            if nT:
+                g.append(to_numpy(sub.adjoint(lam0)))
+            if with_kappa:
+                g.append([gk * KAPPA_SCALE])
+            if with_rho:
+                g.append([gr])
+            return J / J_ref, np.concatenate(g).astype(np.float64) / J_ref
+
+        return fun, unpack
+
+    kappa_cur, rho_cur = [kappa], [rho]
+
+    # ---- CoSaMP iterations ---------------------------------------------------------
+    for it in range(opt.cosamp_iterations):
+        run.phase = it
+        c0 = basis.apply(p)
+        J, lam0, gk, gr, mis, _ = obj.evaluate(None, kappa, rho, beta=0.0, c0=c0)
+        g = obj.gradient_p(lam0)
+        new = []
+        for c in comps:
+            ids = np.nonzero(comp == c)[0]
+            order = ids[np.argsort(-np.abs(g[ids]), kind="stable")]
+            new.extend(order[: 2 * s].tolist())
+        T = np.unique(np.concatenate([S, np.asarray(new, dtype=np.int64)]))
+        run.report(J / J_ref, float(np.linalg.norm(g)) / J_ref, len(T),
+                   f"CoSaMP {it + 1}/{opt.cosamp_iterations}: support {len(S)} → {len(T)} candidates")
+        kappa_cur[0], rho_cur[0] = kappa, rho
+        fun, unpack = make_fun(T, True, opt.rho_in_subspace)
+        x0 = [p[T], [kappa / KAPPA_SCALE]]
+        bounds = [(0.0, None)] * len(T) + [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE)]
+        if opt.rho_in_subspace:
+            x0.append([rho])
+            bounds.append(tuple(rb))
+        res = _lbfgsb(fun, np.concatenate(x0), bounds, opt.subspace_maxiter, run, len(T),
+                      f"CoSaMP {it + 1} subspace solve")
+        nit_total += res.nit
+        pT, kappa, rho = unpack(res.x)
+        # hard threshold: s largest per component
+        keep = []
+        for c in comps:
+            sel = np.nonzero(comp[T] == c)[0]
+            sel = sel[np.argsort(-pT[sel], kind="stable")][:s]
+            keep.extend(sel[pT[sel] > 0].tolist())
+        keep = np.asarray(sorted(keep), dtype=np.int64)
+        S_new = T[keep]
+        p = np.zeros(basis.m)
+        p[S_new] = pT[keep]
+        if len(S_new) == 0:
+            status, message = 2, "CoSaMP support became empty (the data cannot be explained by any atom)"
+            break
+        S = S_new
+
+    # ---- final solve -------------------------------------------------------------------
+    run.phase = opt.cosamp_iterations
+    if len(S) and opt.final == "joint":
+        kappa_cur[0], rho_cur[0] = kappa, rho
+        fun, unpack = make_fun(S, True, True)
+        x0 = np.concatenate([p[S], [kappa / KAPPA_SCALE, rho]])
+        bounds = [(0.0, None)] * len(S) + [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)]
+        res = _lbfgsb(fun, x0, bounds, opt.final_maxiter, run, len(S), "final joint (p_S, κ, ρ) solve")
+        nit_total += res.nit
+        pS, kappa, rho = unpack(res.x)
+        p = np.zeros(basis.m)
+        p[S] = pS
+    # rescale c0 to max 1 (§5) and solve (κ, ρ) with c0 fixed
+    run.phase = opt.cosamp_iterations + 1
+    c0 = basis.apply(p)
+    cmax = float(xp.max(c0))
+    if cmax > 0:
+        p = p / cmax
+        c0 = c0 / ops.dtype.type(cmax)
+        if opt.final == "reference":
+            best = None
+            for r in opt.rho_grid:
+                r = float(np.clip(r, *rb))
+                J = obj.evaluate(None, kappa, r, c0=c0, gradient=False)[0]
+                if best is None or J < best[0]:
+                    best = (J, r)
+            rho = best[1]
+        kappa_cur[0], rho_cur[0] = kappa, rho
+        fun, unpack = make_fun(S, True, True, c0_fixed=c0)
+        maxit = opt.polish_maxiter if opt.final == "joint" else opt.final_maxiter
+        res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, rho]),
+                      [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)], maxit, run, len(S),
+                      "final (κ, ρ) solve with max(c0) = 1")
+        nit_total += res.nit
+        _, kappa, rho = unpack(res.x)
+    J, _, _, _, mis, c1 = obj.evaluate(None, kappa, rho, c0=c0, gradient=False)
+    run.phase = run.total
+    run.report(J / J_ref, 0.0, len(S), f"S.1 done: κ = {kappa:.4g}, ρ = {rho:.4g}, support {len(S)}")
+    return SparseICResult(
+        x=p, p=p[S], c0=c0, c1=c1, support=S, centres=basis.centres[S], kappa=kappa, rho=rho,
+        fun=J, misfit=mis, relative_error=misfit.relative_error(c1), nit=nit_total, nfev=obj.nfev,
+        status=status, success=status == 0, message=message, history=run.history,
+        components=len(comps), basis=basis, J_ref=J_ref,
+    )
+
+
+def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
+                    options: SparseICOptions | None = None, progress=None, cancel=None):
+    """(κ, ρ) by L-BFGS-B with c0 fixed (the last phase of S.1; also a check on its own).
+
+    Starts from options.kappa0 and the best ρ over options.rho_grid.  Returns a
+    SparseICResult with kappa, rho, fun, misfit, relative_error, nit, nfev, history.
+    """
+    opt = options or SparseICOptions()
+    opt.check()
+    xp, n = ops.xp, ops.n
+    shape = (n, n, n)
+    f = [xp.asarray(a if a is not None else np.zeros(shape), dtype=ops.dtype) for a in (wm, gm, vt, csf, data, c0)]
+    for name, a in zip(("wm", "gm", "vt", "csf", "data", "c0"), f):
+        if a.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    m_k = coefficient_fraction(f[0], f[1], f[2], f[3], opt.gm_ratio_k, xp)
+    m_r = coefficient_fraction(f[0], f[1], f[2], f[3], opt.gm_ratio_rho, xp)
+    model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
+    misfit = Misfit(ops, f[4], O)
+    J_ref = misfit.value(xp.zeros(shape, dtype=ops.dtype))
+    if not J_ref > 0:
+        raise ValueError("the observed data O·d is zero: nothing to invert")
+    obj = S1Objective(ops, None, model, misfit, 0.0, cancel)
+    c0 = f[5]
+    kb, rb = opt.kappa_bounds, opt.rho_bounds
+    kappa = float(np.clip(opt.kappa0, *kb))
+    run = _Run(progress, 1)
+    best = None
+    for r in opt.rho_grid:
+        r = float(np.clip(r, *rb))
+        J = obj.evaluate(None, kappa, r, c0=c0, gradient=False)[0]
+        if best is None or J < best[0]:
+            best = (J, r)
+
+    def fun(x):
+        J, _, gk, gr, _, _ = obj.evaluate(None, x[0] * KAPPA_SCALE, x[1], c0=c0)
+        return J / J_ref, np.array([gk * KAPPA_SCALE, gr]) / J_ref
+
+    res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, best[1]]),
+                  [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)], opt.final_maxiter, run, 0,
+                  "(κ, ρ) solve, c0 fixed", ftol=1e-9)
+    kappa, rho = float(res.x[0] * KAPPA_SCALE), float(res.x[1])
+    J, _, _, _, mis, c1 = obj.evaluate(None, kappa, rho, c0=c0, gradient=False)
+    return SparseICResult(kappa=kappa, rho=rho, fun=J, misfit=mis, c0=c0, c1=c1,
+                          relative_error=misfit.relative_error(c1), nit=res.nit, nfev=obj.nfev,
+                          status=0 if res.success else 1, success=bool(res.success),
+                          message=str(res.message), history=run.history)
