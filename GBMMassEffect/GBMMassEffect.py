@@ -959,6 +959,8 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.test_Failure()
         self.setUp()
         self.test_ParameterRows()
+        self.setUp()
+        self.test_SampleCase()
 
     # -- synthetic case --------------------------------------------------------------
     @staticmethod
@@ -1141,3 +1143,23 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetNumberOfRows(), 4)
         self.assertEqual(table.GetNumberOfColumns(), 5)
         self.assertAlmostEqual(float(table.GetCellText(3, 3)), 0.1)
+
+    def test_SampleCase(self):
+        """The sample case: T1 and BraTS tumor segments from a preset forward run, on the
+        atlas geometry (here the 32³ test labels instead of the bundled atlas)."""
+        import numpy as np
+        self.delayDisplay("GBMMassEffect: synthetic sample patient")
+        labels = self.makeLabelVolume()
+        t1, segmentation = GBMMassEffectLogic().createSyntheticPatient(labels, preset="tc-b", resolution=self.GRID,
+                                                                       device="cpu", timeout=self.TIMEOUT)
+        self.assertSameGeometry(t1, labels)
+        t1Array = slicer.util.arrayFromVolume(t1)
+        tissue = slicer.util.arrayFromVolume(labels)
+        wm, fluid, background = (np.median(t1Array[mask]) for mask in (tissue == 6, tissue >= 7, tissue == 0))
+        self.assertGreater(float(wm), float(fluid) + 100.0)  # T1 contrast: white matter bright, CSF dark
+        self.assertLess(float(background), float(fluid))
+        names = {segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())}
+        self.assertIn("necrotic", names)
+        self.assertTrue(names <= {"necrotic", "edema", "enhancing"})
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName("__gbm_patient__"))
