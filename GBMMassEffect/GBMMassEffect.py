@@ -539,8 +539,9 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
     def calibrationJobDict(folder, t1Path, tumorLabelsPath, tissueLabelsPath=None, atlasSet="bundled",
                            grid=128, device="auto", numberOfAtlases=4, seed=0) -> dict:
         """The job.json of ``calibrate --job DIR`` (ARCHITECTURE.md "The process boundary")."""
-        if int(grid) not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {grid}")
+        if int(grid) != grid or grid < 16 or int(grid) % 2:
+            raise ValueError(f"resolution must be an even grid size of at least 16 (the GUI offers "
+                             f"{', '.join(map(str, RESOLUTIONS))}), got {grid}")
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
         if int(numberOfAtlases) < 1:

@@ -117,7 +117,8 @@ def test_calibration_job_inputs(gbm, selfTest, tmp_path):
                    "tissue_label_values": {"gm": 5, "wm": 6, "vt": 7, "csf": 8}, "atlas_set": "bundled",
                    "grid": 128, "device": "cpu", "n_atlases": 3, "seed": 7, "out": os.path.join(folder, "out")}
     with pytest.raises(ValueError, match="resolution"):
-        logic.calibrationJobDict(folder, "a", "b", grid=100)
+        logic.calibrationJobDict(folder, "a", "b", grid=33)
+    assert logic.calibrationJobDict(folder, "a", "b", grid=32)["grid"] == 32  # tests run at 32³
     with pytest.raises(ValueError, match="device"):
         logic.calibrationJobDict(folder, "a", "b", device="tpu")
     with pytest.raises(ValueError, match="core"):
