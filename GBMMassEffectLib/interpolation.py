@@ -122,20 +122,20 @@ def _cupy_kernel():
     import cupy
 
     return cupy.ElementwiseKernel(
-        "raw T f, int64 base, raw T w, int64 N, int64 P",
+        "raw T f, int64 base, raw T w, int64 npts, int64 pstride",
         "T out",
         """
-        const long long P2 = P * P;
+        const long long P2 = pstride * pstride;
         T acc0 = 0;
         for (int a = 0; a < 4; ++a) {
             T acc1 = 0;
             for (int b = 0; b < 4; ++b) {
-                const long long o = base + a * P2 + b * P;
-                T acc2 = f[o] * w[8 * N + i] + f[o + 1] * w[9 * N + i]
-                       + f[o + 2] * w[10 * N + i] + f[o + 3] * w[11 * N + i];
-                acc1 += acc2 * w[(4 + b) * N + i];
+                const long long o = base + a * P2 + b * pstride;
+                T acc2 = f[o] * w[8 * npts + i] + f[o + 1] * w[9 * npts + i]
+                       + f[o + 2] * w[10 * npts + i] + f[o + 3] * w[11 * npts + i];
+                acc1 += acc2 * w[(4 + b) * npts + i];
             }
-            acc0 += acc1 * w[a * N + i];
+            acc0 += acc1 * w[a * npts + i];
         }
         out = acc0;
         """,
@@ -285,9 +285,10 @@ class CubicLagrangeInterpolator:
     def _apply_cupy(self, padded, out) -> bool:
         try:
             kernel = _cupy_kernel()
-            N, P = np.int64(self.size), np.int64(self.n + _PAD)
+            npts, pstride = np.int64(self.size), np.int64(self.n + _PAD)
+            w = self.weights.reshape(-1)  # (3, 4, N) contiguous, flat: w[(4·axis + tap)·N + i]
             for k in range(padded.shape[0]):
-                kernel(padded[k], self.index, self.weights, N, P, out[k])
+                kernel(padded[k], self.index, w, npts, pstride, out[k])
             return True
         except Exception:  # compilation problem: use the generic xp path from now on
             self.accelerator = "numpy"

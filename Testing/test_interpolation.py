@@ -169,3 +169,29 @@ def test_bad_input_raises_value_error():
         CubicLagrangeInterpolator(np.zeros((3, 4)), 16, be, accelerator="fortran")
     with pytest.raises(ValueError, match="cupy"):
         CubicLagrangeInterpolator(np.zeros((3, 4)), 16, be, accelerator="cupy")
+
+
+def test_flat_layout_used_by_the_cuda_kernel():
+    """The GPU kernel (untestable here) reads f[base + a·P² + b·P + c] of the padded field and
+    w[(4·axis + tap)·N + i] of the flattened weights; check that layout on the CPU."""
+    be = get_backend("cpu", "float64")
+    n = 12
+    P = n + 3
+    rng = np.random.default_rng(10)
+    d = rng.uniform(-2, 2, size=(3, n, n, n))
+    f = rng.standard_normal((n, n, n))
+    interp = CubicLagrangeInterpolator.from_displacement(d, n, be, accelerator="numpy")
+    padded = interp._padded(f[None])[0]
+    w = interp.weights.reshape(-1)
+    N = n**3
+    want = interp(f).reshape(-1)
+    for i in rng.integers(0, N, size=50):
+        acc0 = 0.0
+        for a in range(4):
+            acc1 = 0.0
+            for b in range(4):
+                o = interp.index[i] + a * P * P + b * P
+                acc2 = sum(padded[o + c] * w[(8 + c) * N + i] for c in range(4))
+                acc1 += acc2 * w[(4 + b) * N + i]
+            acc0 += acc1 * w[a * N + i]
+        assert abs(acc0 - want[i]) < 1e-12
