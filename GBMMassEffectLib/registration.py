@@ -253,10 +253,22 @@ def _shrink(img: sitk.Image, factor: int) -> sitk.Image:
     return sitk.Shrink(sm, [factor] * 3)
 
 
-def _demons(fixed: sitk.Image, moving: sitk.Image, *, iterations, sigma_field, rep, block=10):
+def _warp(img: sitk.Image, disp: sitk.Image, default: float) -> sitk.Image:
+    """img ∘ (id + disp) on the grid of ``disp``."""
+    tx = sitk.DisplacementFieldTransform(sitk.Image(disp))
+    return sitk.Resample(img, disp, tx, sitk.sitkLinear, default, sitk.sitkFloat32)
+
+
+def _demons(fixed: sitk.Image, moving: sitk.Image, weight: sitk.Image | None, *, iterations,
+            sigma_field, rep, block=5):
     """Diffeomorphic demons (SimpleITK), two levels (shrink 2: 2/3 of the iterations, then
-    full resolution), field smoothed by ``sigma_field`` voxels; run in blocks of ``block``
-    iterations continuing one displacement field (progress / cancel points)."""
+    full resolution), field smoothed by ``sigma_field`` voxels, in blocks of ``block``
+    iterations continuing one displacement field φ = id + d (progress / cancel points).
+
+    Tumour masking (``weight`` w on the moving grid, 0 in the tumour): before each block the
+    fixed image is replaced inside the warped tumour by the warped moving image,
+    f' = (w∘φ)·f + (1 − w∘φ)·(m∘φ), so the demons force ∝ (f' − m∘φ) vanishes there and the
+    field inside the tumour is filled in by the smoothing from the surrounding tissue."""
     filt = sitk.DiffeomorphicDemonsRegistrationFilter()
     filt.SetSmoothDisplacementField(True)
     filt.SetStandardDeviations(sigma_field)
@@ -266,6 +278,7 @@ def _demons(fixed: sitk.Image, moving: sitk.Image, *, iterations, sigma_field, r
     disp, metric, done = None, float("nan"), 0
     for factor, its in levels:
         f, m = _shrink(fixed, factor), _shrink(moving, factor)
+        w = None if weight is None else _shrink(weight, factor)
         if disp is None:
             disp = sitk.Image(f.GetSize(), sitk.sitkVectorFloat64, 3)
             disp.CopyInformation(f)
@@ -276,7 +289,12 @@ def _demons(fixed: sitk.Image, moving: sitk.Image, *, iterations, sigma_field, r
             rep(done / iterations, f"demons iteration {done}/{iterations} (level 1/{factor})")
             n = min(block, left)
             filt.SetNumberOfIterations(n)
-            disp = filt.Execute(f, m, disp)
+            if w is None:
+                f_masked = f
+            else:
+                w_phi = _warp(w, disp, 1.0)
+                f_masked = f * w_phi + _warp(m, disp, 0.0) * (1.0 - w_phi)
+            disp = filt.Execute(f_masked, m, disp)
             metric = float(filt.GetMetric())
             left -= n
             done += n
@@ -454,9 +472,9 @@ def _combine(keys, images):
     return images[0] if len(images) == 1 else composite(dict(zip(keys, images)))
 
 
-def _deformable(method, fixed, moving, blended, mask_atlas, *, iterations, sigma_field, rep):
+def _deformable(method, fixed, moving, weight_atlas, mask_atlas, *, iterations, sigma_field, rep):
     if method == "demons":
-        return _demons(fixed, blended, iterations=iterations, sigma_field=sigma_field, rep=rep)
+        return _demons(fixed, moving, weight_atlas, iterations=iterations, sigma_field=sigma_field, rep=rep)
     return _bspline(fixed, moving, mask_atlas, iterations=iterations, mesh_mm=40.0, rep=rep)
 
 
@@ -484,12 +502,12 @@ def _register(fixed_list, moving_list, keys, weight_patient, atlas_ref, patient_
         t1 = time.perf_counter()
         rep = _Reporter(progress, cancel, 0.4, 0.9)
         rep(0.0, f"deformable registration ({deformable})")
-        # tumour made uninformative: blend the patient with the atlas inside the tumour
-        blended = [m * weight_atlas + f * (1.0 - weight_atlas) for f, m in zip(fixed_list, moved)]
+        # tumour made uninformative: weight (demons) or binary metric mask (B-spline)
         mask_atlas = sitk.Cast(weight_atlas >= 0.5, sitk.sitkUInt8)
+        has_tumor = float(sitk.GetArrayViewFromImage(weight_atlas).min()) < 0.999
         disp, metric[deformable] = _deformable(
-            deformable, _combine(keys, fixed_list), _combine(keys, moved), _combine(keys, blended),
-            mask_atlas, iterations=iterations, sigma_field=sigma_field, rep=rep)
+            deformable, _combine(keys, fixed_list), _combine(keys, moved),
+            weight_atlas if has_tumor else None, mask_atlas if has_tumor else None, iterations=iterations, sigma_field=sigma_field, rep=rep)
         t[deformable] = time.perf_counter() - t1
         t2 = time.perf_counter()
         _Reporter(progress, cancel, 0.9, 1.0)(0.0, "inverting the displacement field")
