@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -113,7 +114,16 @@ def numba_kernels():
                     acc0 = acc0 + acc1 * w[0, a, p]
                 out[k, p] = acc0
 
-    return jit(build), jit(apply)
+    build, apply = jit(build), jit(apply)
+    try:  # compile (or load from cache) now: a numba that cannot compile means "no numba"
+        n, dt = 4, np.float32
+        index, weights = np.empty(n**3, np.int64), np.empty((3, 4, n**3), dt)
+        build(np.zeros((3, n, n, n), dt), dt(1), n + _PAD, index, weights, np.array([1, 2, 6], dt))
+        apply(np.zeros((1, (n + _PAD) ** 3), dt), index, weights, n + _PAD, np.empty((1, n**3), dt))
+    except Exception as exc:  # pragma: no cover - depends on the installed numba
+        warnings.warn(f"numba is installed but its kernels failed to compile ({exc}); using numpy")
+        return None
+    return build, apply
 
 
 @functools.lru_cache(maxsize=None)
