@@ -9,6 +9,7 @@ import enum
 import json
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -879,17 +880,21 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
     # -- sample case -----------------------------------------------------------------
     @staticmethod
     def bundledAtlasLabelsPath():
-        """The first atlas label map of the bundled atlas set."""
-        root = _libraryParentFolder()
-        candidates = []
-        for folder in (os.path.join(root, "Resources"), os.path.join(root, "GBMMassEffectLib", "Resources"),
-                       os.path.join(root, "GBMMassEffectLib", "atlases")):
-            for dirpath, _dirs, files in os.walk(folder):
-                candidates += [os.path.join(dirpath, f) for f in files
-                               if "label" in f.lower() and f.endswith((".nrrd", ".nii.gz", ".nii"))]
-        if not candidates:
-            raise RuntimeError("the bundled atlas set was not found")
-        return sorted(candidates)[0]
+        """The first atlas label map (``*_labels.*``) of the bundled atlas set
+        (GBMMassEffectLib.resources: <package>/Resources/Atlases, else <repo>/Resources/Atlases)."""
+        root = pathlib.Path(_libraryParentFolder())
+        folders = [root / "GBMMassEffectLib" / "Resources" / "Atlases", root / "Resources" / "Atlases"]
+        try:
+            from GBMMassEffectLib import resources
+            folders.insert(0, pathlib.Path(resources.default_atlas_dir()))
+        except (ImportError, FileNotFoundError):
+            pass
+        for folder in folders:
+            found = sorted(p for p in folder.glob("*_labels.*") if p.name.endswith((".nrrd", ".nii.gz", ".nii")))
+            if found:
+                return str(found[0])
+        raise RuntimeError("the bundled atlas set was not found (searched: "
+                           + ", ".join(str(f) for f in folders) + ")")
 
     def createSyntheticPatient(self, labelsVolume=None, preset="tc-b", resolution=64, device="auto", timeout=None):
         """Sample case: a forward run of a paper preset on an atlas gives a T1-like image and
