@@ -212,3 +212,69 @@ def test_tumor_mask_is_honoured(synthetic, atlas_channels, atlas_labels):
     assert err[~far].mean() < SPACING
     assert masked.quality["dice_vt"] > 0.65
     assert masked.quality["dice_vt"] > q_unmasked["dice_vt"] + 0.05   # measured 0.737 vs 0.624
+
+
+T1_ATLAS = {0: 0.0, 5: 0.65, 6: 1.0, 7: 0.25, 8: 0.25}
+T1_PATIENT = {0: 20.0, 5: 600.0, 6: 900.0, 7: 250.0, 8: 250.0}   # another scanner's scale
+
+
+def _t1(labels, table):
+    arr = sitk.GetArrayViewFromImage(labels)
+    out = np.zeros(arr.shape, np.float32)
+    for lab, val in table.items():
+        out[arr == lab] = val
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(labels)
+    return img
+
+
+def _dice_img(a, b):
+    a, b = sitk.GetArrayViewFromImage(a) > 0.5, sitk.GetArrayViewFromImage(b) > 0.5
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_t1_only_thick_slices(atlas_labels, atlas_channels):
+    """(d) clinical-like input: one T1 with 1.5×1.5×5 mm slices (slice profile: Gaussian of
+    FWHM 5 mm along z), another intensity scale, noise, an enhancing-rim tumour, and a
+    binary tumour mask only. Threshold: the ventricles are only 2–4 atlas voxels (6–12 mm)
+    thick, so a 1-voxel error or the 5 mm slice profile alone cost tenths of Dice; measured
+    here: affine only 0.43, affine + demons 0.86. We require > 0.7 and a gain > 0.2 over the
+    affine (a registration off by one voxel everywhere would fail both)."""
+    s, _ = _true_map(atlas_labels)
+    fine = sitk.Image([128, 128, 128], sitk.sitkFloat32)
+    fine.SetSpacing((1.5, 1.5, 1.5))
+    lo, hi = R.physical_bounds(atlas_labels)
+    c = _patient_point(s, (lo + hi) / 2)
+    fine.SetOrigin(tuple(c - 96.0))
+    t1 = sitk.Resample(_t1(atlas_labels, T1_PATIENT), fine, s, sitk.sitkLinear, 20.0, sitk.sitkFloat32)
+    vt_true = sitk.Resample(atlas_channels["vt"], fine, s, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # tumour 35 mm lateral of the brain centre: necrotic core with an enhancing rim
+    centre = _patient_point(s, (lo + hi) / 2 + np.array([0.0, 35.0, 0.0]))
+    core, whole = _sphere(fine, centre, 9.0), _sphere(fine, centre, 13.0)
+    a = sitk.GetArrayFromImage(t1)
+    a[whole] = 1100.0
+    a[core] = 400.0
+    a += np.random.default_rng(1).normal(0.0, 15.0, a.shape).astype(np.float32)
+    t1 = sitk.GetImageFromArray(a)
+    t1.CopyInformation(fine)
+    t1 = sitk.RecursiveGaussian(t1, sigma=5.0 / 2.355, direction=2)   # slice profile
+    thick = sitk.Image([128, 128, 38], sitk.sitkFloat32)
+    thick.SetSpacing((1.5, 1.5, 5.0))
+    thick.SetOrigin(fine.GetOrigin())
+    patient_t1 = sitk.Resample(t1, thick, sitk.Transform(), sitk.sitkLinear, 20.0, sitk.sitkFloat32)
+    mask = sitk.GetImageFromArray(_sphere(thick, centre, 13.0).astype(np.uint8))
+    mask.CopyInformation(thick)
+
+    reg = R.register_t1(patient_t1, _t1(atlas_labels, T1_ATLAS), mask, iterations=45)
+    vt_atlas = atlas_channels["vt"]
+    dice = _dice_img(R.warp_to_atlas(vt_true, reg), vt_atlas)
+    dice_affine = _dice_img(sitk.Resample(vt_true, vt_atlas, reg.affine, sitk.sitkLinear, 0.0), vt_atlas)
+    # patient tissue derived from the atlas (no segmentation given): compare with the truth
+    derived = R.derive_patient_tissue(atlas_channels, reg, fine)
+    dice_derived = _dice_img(derived["vt"], vt_true)
+    print(f"T1: vt Dice affine {dice_affine:.3f}, affine+demons {dice:.3f}, derived {dice_derived:.3f}; "
+          f"ncc {reg.quality['ncc']:.3f}; {reg.timings}")
+    assert dice > 0.7 and dice > dice_affine + 0.2
+    assert dice_derived > 0.65                     # measured 0.78 (on the 1.5 mm grid)
+    assert reg.quality["ncc"] > 0.5                # measured 0.66 (blurred, noisy T1)
+    assert any("derived" in n for n in reg.notes)
