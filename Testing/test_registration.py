@@ -278,3 +278,80 @@ def test_t1_only_thick_slices(atlas_labels, atlas_channels):
     assert dice_derived > 0.65                     # measured 0.78 (on the 1.5 mm grid)
     assert reg.quality["ncc"] > 0.5                # measured 0.66 (blurred, noisy T1)
     assert any("derived" in n for n in reg.notes)
+
+
+def _small(value=1.0, size=(12, 12, 12), origin=(0.0, 0.0, 0.0)):
+    img = sitk.Image(size, sitk.sitkFloat32) + value
+    img.SetSpacing((3.0, 3.0, 3.0))
+    img.SetOrigin(origin)
+    return img
+
+
+def test_clear_errors(atlas_channels):
+    """(e) bad input → RegistrationError (a ValueError) naming the problem, before any work."""
+    pat = {k: _small() for k in R.CHANNELS}
+    atl = {k: _small() for k in R.CHANNELS}
+    mask = sitk.Cast(_small(0.0), sitk.sitkUInt8)
+    cases = [
+        (dict(patient_channels={"vt": _small(), "gm": _small()}), "keys differ"),
+        (dict(patient_channels={**pat, "vt": sitk.Image()}), "non-empty 3D"),
+        (dict(atlas_channels={**atl, "gm": _small(0.0)}), "empty"),
+        (dict(patient_channels={**pat, "gm": _small(origin=(5.0, 0.0, 0.0))}), "not on one grid"),
+        (dict(tumor_mask=sitk.Cast(_small(1.0, origin=(900.0, 0.0, 0.0)), sitk.sitkUInt8)), "does not overlap"),
+        (dict(tumor_mask=sitk.Cast(_small(1.0), sitk.sitkUInt8)), "covers more than 90%"),
+        (dict(deformable="elastix"), "unknown deformable"),
+    ]
+    for override, message in cases:
+        kw = dict(patient_channels=pat, atlas_channels=atl, tumor_mask=mask)
+        kw.update(override)
+        with pytest.raises(ValueError, match=message):
+            R.register_patient_to_atlas(kw.pop("patient_channels"), kw.pop("atlas_channels"),
+                                        kw.pop("tumor_mask"), **kw)
+    with pytest.raises(R.RegistrationError, match="empty"):
+        R.register_t1(_small(3.0), _small(), mask)
+    with pytest.raises(R.RegistrationError, match="no registrations"):
+        R.best_registered([])
+
+
+def test_cancel_and_progress(atlas_channels):
+    """cancel() is honoured during the affine stage: RegistrationCancelled, promptly."""
+    calls = []
+
+    def cancel():
+        return len(calls) >= 2
+
+    mask = sitk.Image(atlas_channels["vt"].GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(atlas_channels["vt"])
+    with pytest.raises(R.RegistrationCancelled):
+        R.register_patient_to_atlas(atlas_channels, atlas_channels, mask, progress=calls.append, cancel=cancel)
+    assert 2 <= len(calls) <= 3 and all(c["stage"] == "S.2" for c in calls)
+
+
+def test_vectors_mapped_and_best_registered():
+    """warp_to_patient maps displacement vectors by the affine's linear part A (atlas → patient);
+    warp_to_atlas by A⁻¹; best_registered picks the highest score, NaN last."""
+    a = sitk.AffineTransform(3)
+    m = np.array(sitk.VersorTransform((0.0, 0.0, 1.0), math.radians(90)).GetMatrix()).reshape(3, 3) * 2.0
+    a.SetMatrix(m.ravel())
+    ref = _small()
+    reg = R.Registration(forward=a, inverse=a.GetInverse(), affine=a, method="affine+none",
+                         atlas_reference=ref, patient_reference=ref)
+    v = sitk.Compose(*[_small(c, size=(60, 60, 60), origin=(-90.0,) * 3) for c in (1.0, 0.0, 0.0)])
+    up = sitk.GetArrayFromImage(R.warp_to_patient(v, reg, _small()))
+    np.testing.assert_allclose(up[6, 6, 6], m @ [1.0, 0.0, 0.0], atol=1e-6)   # (0, 2, 0)
+    back = sitk.GetArrayFromImage(R.warp_to_atlas(v, reg, _small()))
+    np.testing.assert_allclose(back[6, 6, 6], np.linalg.solve(m, [1.0, 0.0, 0.0]), atol=1e-6)
+    regs = [R.Registration(a, a, a, "x", ref, ref, quality={"score": q}) for q in (0.5, float("nan"), 0.7)]
+    assert R.best_registered(regs) == 2
+
+
+@pytest.mark.slow
+def test_bspline_recovers_known_deformation(synthetic, atlas_channels, atlas_labels):
+    """(a) for the B-spline stage (inverse computed numerically): slow, ~1–2 min."""
+    s, ref, patient = synthetic
+    reg = R.register_patient_to_atlas(patient, atlas_channels, _empty_mask(ref), deformable="bspline",
+                                      iterations=30)
+    err = _errors(reg.forward, s, _brain_points(atlas_labels))
+    print(f"bspline: mean {err.mean():.2f} p95 {np.percentile(err, 95):.2f}; {reg.timings}")
+    assert err.mean() < 0.5 * SPACING and np.percentile(err, 95) < SPACING
+    assert reg.inverse_error_mm["mean"] < 0.1
