@@ -34,20 +34,32 @@ _PAD = 3  # a stencil starting at j ∈ [0, n) reaches j + 3 ≤ n + 2
 _CHUNK = 16384  # points per vectorised block on the numpy path (fits L2 with temporaries)
 
 
-def lagrange_weights(xp, t):
-    """The 4 cubic Lagrange weights at fraction t ∈ [0, 1) (nodes −1, 0, 1, 2): shape (4, …)."""
+def lagrange_weights(xp, t, out=None):
+    """The 4 cubic Lagrange weights at fraction t ∈ [0, 1) (nodes −1, 0, 1, 2): shape (4, …).
+
+    Evaluated as A = t(t−1), C = (t+1)(t−2): w₋₁ = A(t−2)·(−1/6), w₀ = C(t−1)·½,
+    w₁ = Ct·(−½), w₂ = A(t+1)·(1/6), all in t's dtype (the numba kernel uses the same
+    sequence). At t = 0 this is exactly (0, 1, 0, 0).
+    """
+    t = xp.asarray(t)
+    if out is None:
+        out = xp.empty((4,) + t.shape, dtype=t.dtype)
+    sixth, half = t.dtype.type(1.0 / 6.0), t.dtype.type(0.5)
     tp1, tm1, tm2 = t + 1, t - 1, t - 2
-    return xp.stack(
-        [
-            -(t * tm1 * tm2) / 6,
-            (tp1 * tm1 * tm2) / 2,
-            -(tp1 * t * tm2) / 2,
-            (tp1 * t * tm1) / 6,
-        ]
-    )
+    A = t * tm1
+    C = tp1 * tm2
+    xp.multiply(xp.multiply(A, tm2, out=out[0]), -sixth, out=out[0])
+    xp.multiply(xp.multiply(C, tm1, out=out[1]), half, out=out[1])
+    xp.multiply(xp.multiply(C, t, out=out[2]), -half, out=out[2])
+    xp.multiply(xp.multiply(A, tp1, out=out[3]), sixth, out=out[3])
+    return out
 
 
 # ---- optional accelerators -----------------------------------------------------------
+def _constants(dtype):
+    return np.array([1.0, 2.0, 1.0 / 6.0, 0.5], dtype=dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def numba_kernels():
     """(build_from_displacement, apply) compiled with numba, or None when numba is missing."""
@@ -64,31 +76,33 @@ def numba_kernels():
         except Exception:  # e.g. no writable cache location
             return numba.njit(parallel=True)(fn)
 
-    def axis(q, g, n, one, two, six):
-        """Stencil start (wrapped) and the 4 weights along one axis; q in grid units."""
+    def axis(q, g, n, one, two, sixth, half):
+        """Stencil start (wrapped) and the 4 weights along one axis (as lagrange_weights)."""
         jf = np.floor(q)
         t = q - jf
         start = int(jf) - 1 + g
         if start < 0 or start >= n:
             start %= n
         tp1, tm1, tm2 = t + one, t - one, t - two
-        return start, -(t * tm1 * tm2) / six, (tp1 * tm1 * tm2) / two, -(tp1 * t * tm2) / two, (tp1 * t * tm1) / six
+        A = t * tm1
+        C = tp1 * tm2
+        return start, (A * tm2) * (-sixth), (C * tm1) * half, (C * t) * (-half), (A * tp1) * sixth
 
     axis = numba.njit(inline="always")(axis)
 
     def build(d, scale, P, index, weights, const):
-        # const = (1, 2, 6) in the field dtype: keeps every operation in that dtype,
-        # so the result equals the vectorised path bit for bit
-        one, two, six = const[0], const[1], const[2]
+        # const = (1, 2, 1/6, 1/2) in the field dtype: keeps every operation in that
+        # dtype, so the result equals the vectorised path bit for bit
+        one, two, sixth, half = const[0], const[1], const[2], const[3]
         n = d.shape[1]
         P2 = P * P
         for i0 in numba.prange(n):
             for i1 in range(n):
                 p = (i0 * n + i1) * n
                 for i2 in range(n):
-                    s0, a0, a1, a2, a3 = axis(d[0, i0, i1, i2] * scale, i0, n, one, two, six)
-                    s1, b0, b1, b2, b3 = axis(d[1, i0, i1, i2] * scale, i1, n, one, two, six)
-                    s2, c0, c1, c2, c3 = axis(d[2, i0, i1, i2] * scale, i2, n, one, two, six)
+                    s0, a0, a1, a2, a3 = axis(d[0, i0, i1, i2] * scale, i0, n, one, two, sixth, half)
+                    s1, b0, b1, b2, b3 = axis(d[1, i0, i1, i2] * scale, i1, n, one, two, sixth, half)
+                    s2, c0, c1, c2, c3 = axis(d[2, i0, i1, i2] * scale, i2, n, one, two, sixth, half)
                     index[p] = s0 * P2 + s1 * P + s2
                     weights[0, 0, p], weights[0, 1, p], weights[0, 2, p], weights[0, 3, p] = a0, a1, a2, a3
                     weights[1, 0, p], weights[1, 1, p], weights[1, 2, p], weights[1, 3, p] = b0, b1, b2, b3
@@ -118,7 +132,7 @@ def numba_kernels():
     try:  # compile (or load from cache) now: a numba that cannot compile means "no numba"
         n, dt = 4, np.float32
         index, weights = np.empty(n**3, np.int64), np.empty((3, 4, n**3), dt)
-        build(np.zeros((3, n, n, n), dt), dt(1), n + _PAD, index, weights, np.array([1, 2, 6], dt))
+        build(np.zeros((3, n, n, n), dt), dt(1), n + _PAD, index, weights, _constants(dt))
         apply(np.zeros((1, (n + _PAD) ** 3), dt), index, weights, n + _PAD, np.empty((1, n**3), dt))
     except Exception as exc:  # pragma: no cover - depends on the installed numba
         warnings.warn(f"numba is installed but its kernels failed to compile ({exc}); using numpy")
@@ -213,7 +227,7 @@ class CubicLagrangeInterpolator:
             build, _ = numba_kernels()
             self.index = np.empty(self.size, dtype=np.int64)
             self.weights = np.empty((3, 4, self.size), dtype=self.dtype)
-            build(d, scale, self.n + _PAD, self.index, self.weights, np.array([1, 2, 6], dtype=self.dtype))
+            build(d, scale, self.n + _PAD, self.index, self.weights, _constants(self.dtype))
             return self
         q = d * scale  # grid units
         j = xp.floor(q)
@@ -250,9 +264,10 @@ class CubicLagrangeInterpolator:
             flat = term if flat is None else flat + term
         self.index = xp.ascontiguousarray(flat.reshape(-1))
         # weights (3 axes, 4 taps, N points)
-        self.weights = xp.stack([lagrange_weights(xp, t[a].reshape(-1)) for a in range(3)]).astype(
-            self.dtype
-        )
+        t = t.astype(self.dtype, copy=False)
+        self.weights = xp.empty((3, 4, self.size), dtype=self.dtype)
+        for a in range(3):
+            lagrange_weights(xp, t[a].reshape(-1), out=self.weights[a])
 
     # ---- evaluation --------------------------------------------------------------
     def _padded(self, fields):

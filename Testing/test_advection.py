@@ -174,7 +174,7 @@ def test_conservative_update_is_the_heun_formula():
     np.testing.assert_array_equal(sl.div_v_at_X, sl.transport(ops.div(v)))
 
 
-@pytest.mark.skipif(len(ACCELERATORS) < 2, reason="numba not installed")
+@pytest.mark.skipif(len(ACCELERATORS) < 2, reason="numba not available (not installed, or GBM_NUMBA=0)")
 def test_numba_and_numpy_paths_agree():
     n = 16
     ops = SpectralOps(n, get_backend("cpu"))

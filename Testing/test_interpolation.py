@@ -116,7 +116,7 @@ def test_integer_shift_is_a_roll(accelerator):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.skipif(len(ACCELERATORS) < 2, reason="numba not installed")
+@pytest.mark.skipif(len(ACCELERATORS) < 2, reason="numba not available (not installed, or GBM_NUMBA=0)")
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_numba_path_equals_numpy_path(precision):
     be = get_backend("cpu", precision)
