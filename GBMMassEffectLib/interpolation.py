@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -32,6 +33,9 @@ from .backend import Backend, get_backend
 
 _PAD = 3  # a stencil starting at j ∈ [0, n) reaches j + 3 ≤ n + 2
 _CHUNK = 16384  # points per vectorised block on the numpy path (fits L2 with temporaries)
+# numba's default (workqueue) threading layer aborts on concurrent parallel launches from
+# several Python threads; each kernel uses every core anyway, so launches are serialised
+_NUMBA_LOCK = threading.Lock()
 
 
 def lagrange_weights(xp, t, out=None):
@@ -227,7 +231,8 @@ class CubicLagrangeInterpolator:
             build, _ = numba_kernels()
             self.index = np.empty(self.size, dtype=np.int64)
             self.weights = np.empty((3, 4, self.size), dtype=self.dtype)
-            build(d, scale, self.n + _PAD, self.index, self.weights, _constants(self.dtype))
+            with _NUMBA_LOCK:
+                build(d, scale, self.n + _PAD, self.index, self.weights, _constants(self.dtype))
             return self
         q = d * scale  # grid units
         j = xp.floor(q)
@@ -298,7 +303,8 @@ class CubicLagrangeInterpolator:
         padded = self._padded(stack)
         out = xp.empty((m, self.size), dtype=self.dtype)
         if self.accelerator == "numba":
-            numba_kernels()[1](padded, self.index, self.weights, n + _PAD, out)
+            with _NUMBA_LOCK:
+                numba_kernels()[1](padded, self.index, self.weights, n + _PAD, out)
         elif self.accelerator == "cupy" and self._apply_cupy(padded, out):
             pass
         else:
