@@ -220,7 +220,6 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
     stats = ForwardStats()
     el_meter = FFTMeter(ops)  # the elasticity's own transforms, counted apart
     elastic = Elasticity(ops, params.elasticity_rtol, params.elasticity_maxiter, meter=el_meter)
-    advect = SemiLagrangian(mops, dt)
     gauss = ops.gaussian_multiplier(ops.h)
     mass_effect = params.gamma != 0.0
 
@@ -264,6 +263,7 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
         stats.seconds_other += time.perf_counter() - t0
         # 3. advection
         t0 = time.perf_counter()
+        advect = SemiLagrangian(mops, dt)  # per step: its stencils are freed before step 6
         advect.set_velocity(v)
         if advect.interpolator is not None:
             stats.interpolated_fields += 4 + 5  # v at X* (3), ∇·v at X (1); wm, gm, c, vt, csf
@@ -271,6 +271,7 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
         plain = advect.transport(xp.stack([tissues.vt, tissues.csf]))
         tissues = Tissues(cons[0], cons[1], plain[0], plain[1], tissues.bg)
         c = cons[2]
+        del advect, cons, plain
         stats.seconds_advection += time.perf_counter() - t0
         # 4. diffusion
         t0 = time.perf_counter()

@@ -52,6 +52,9 @@ def test_sinusoid_regression(glia_testdata, precision):
     assert 0 < st.total_elasticity_iterations <= 400  # 177 measured
     assert max(st.diffusion_iterations) <= 3  # 2 measured
     assert 0 < st.cfl_max < 1  # 0.148
+    # FFT accounting of the elasticity: 18 per PCG iteration, 8 per force, 3 per solution,
+    # 18 per warm-started solve (initial residual; the initial and first in-loop solves start at 0)
+    assert st.elasticity_fft == 18 * st.total_elasticity_iterations + 27 * (8 + 3) + 25 * 18
     assert res.u.dtype == ops.dtype and res.c.dtype == ops.dtype
     # tissue transported (and compressed: conservative wm exceeds 1 near the tumour), bg untouched
     assert np.array_equal(res.tissues.bg, tissues.bg)
