@@ -171,6 +171,13 @@ def _cupy_kernel():
     )
 
 
+def _check_finite(xp, a, name):
+    """Finite and not absurdly large (the integer stencil index must not overflow)."""
+    big = float(xp.max(xp.abs(a))) if a.size else 0.0
+    if not big <= 1e9:
+        raise ValueError(f"{name} must be finite with |value| ≤ 1e9 domain units, got max |{name}| = {big}")
+
+
 def _resolve_accelerator(backend: Backend, accelerator: str) -> str:
     accelerator = (accelerator or "auto").lower()
     if accelerator not in ("auto", "numba", "numpy", "cupy"):
@@ -207,6 +214,7 @@ class CubicLagrangeInterpolator:
         points = xp.asarray(points)
         if points.ndim < 1 or points.shape[0] != 3:
             raise ValueError(f"points must have shape (3, ...), got {tuple(points.shape)}")
+        _check_finite(xp, points, "points")
         self._setup(n, backend, points.shape[1:], accelerator)
         s = points.astype(np.float64) * (self.n / (2.0 * math.pi))  # grid units, float64
         j = xp.floor(s)
@@ -223,6 +231,7 @@ class CubicLagrangeInterpolator:
         d = xp.asarray(displacement)
         if tuple(d.shape) != (3, n, n, n):
             raise ValueError(f"displacement must have shape (3, {n}, {n}, {n}), got {tuple(d.shape)}")
+        _check_finite(xp, d, "displacement")
         self = cls.__new__(cls)
         self._setup(n, backend, d.shape[1:], accelerator)
         d = xp.ascontiguousarray(d, dtype=self.dtype)
@@ -236,7 +245,9 @@ class CubicLagrangeInterpolator:
             return self
         q = d * scale  # grid units
         j = xp.floor(q)
-        t = q - j  # exact in floating point, t ∈ [0, 1)
+        # t ∈ [0, 1]; t = 1 only by rounding for tiny negative q, where the weights
+        # (0, 0, 1, 0) pick node j + 1 = 0, the right one
+        t = q - j
         self._build_generic(j.astype(np.int64), t, grid_offset=True)
         return self
 

@@ -165,6 +165,10 @@ def test_bad_input_raises_value_error():
     interp = CubicLagrangeInterpolator(np.zeros((3, 4)), 16, be)
     with pytest.raises(ValueError, match="fields"):
         interp(np.zeros((8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        CubicLagrangeInterpolator.from_displacement(np.full((3, 16, 16, 16), np.nan), 16, be)
+    with pytest.raises(ValueError, match="finite"):
+        CubicLagrangeInterpolator(np.full((3, 4), 1e30), 16, be)
     with pytest.raises(ValueError, match="accelerator"):
         CubicLagrangeInterpolator(np.zeros((3, 4)), 16, be, accelerator="fortran")
     with pytest.raises(ValueError, match="cupy"):
