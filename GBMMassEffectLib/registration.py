@@ -10,17 +10,27 @@ Conventions (SimpleITK's, all in physical millimetres, never index-matched array
 ``sitk.Resample`` needs to bring a patient image onto the atlas grid;
 ``Registration.inverse`` maps patient points to atlas points (atlas results → patient grid).
 
-Tumour masking. ImageRegistrationMethod stages (affine, B-spline) use the binary moving
-mask {w ≥ 0.5} (SetMetricMovingMask). Demons filters take no mask, so the patient channels
-are blended with the atlas after the affine stage, m' = w·m + (1 − w)·f: the demons force
-is proportional to f − m', hence zero inside the tumour, and the smooth w leaves no
-artificial edge at the tumour boundary. The field inside the tumour is then filled in by
-the demons' Gaussian regularisation from the surrounding tissue (tested in
-Testing/test_registration.py, case "mask honoured").
+Channels. SimpleITK's metrics and demons filters are scalar, so every stage works on one
+composite image Σ_c w_c·channel_c (vt 1, gm 2, wm+csf 3): a weighted sum over channels in
+which every tissue boundary of every channel is an intensity edge (MeanSquares / demons,
+same "modality" on both sides). Cycling the scalar demons over the channels one at a time
+(block-coordinate sum of per-channel forces) was tried: no more accurate (mean error
+1.27 vs 1.08 mm on the test case) and three times slower.
 
-Multi-channel demons. SimpleITK's demons filters are scalar; the channels are cycled in
-short blocks of iterations sharing one displacement field (a block-coordinate "sum over
-channels"), which also gives the progress/cancel points.
+Tumour masking (weight w = 1 − G_σ * tumour, σ = 2 voxels of the finest patient spacing).
+Affine and B-spline stages (ImageRegistrationMethod) use the binary moving mask {w ≥ 0.5}
+(SetMetricMovingMask). Demons filters take no mask: before every block of demons
+iterations the *fixed* image is replaced inside the currently warped tumour by the warped
+patient, f' = (w∘φ)·f + (1 − w∘φ)·(m∘φ). The demons force ∝ f' − m∘φ then vanishes in the
+tumour, the smooth w leaves no artificial edge, and the field there is filled in by the
+Gaussian regularisation from the surrounding tissue. (Blending the *moving* image with the
+atlas once, m' = w·m + (1 − w)·f, was tried first: it drags the field towards zero inside
+the tumour, 3.2 vs 2.6 mm error there.) Tested: Testing/test_registration.py, "honoured".
+
+Thick anisotropic slices (T1-only, register_t1): Mattes MI affine on the raw image, then the
+patient is resampled onto the (isotropic) atlas grid, histogram-matched to the atlas T1
+and registered by demons there; the deformable stage therefore always runs on the atlas
+grid whatever the patient's slice thickness.
 """
 from __future__ import annotations
 
@@ -32,10 +42,7 @@ from typing import Callable, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-try:  # the shared cancellation exception, when the progress module provides one
-    from .progress import Cancelled as _CancelBase  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - progress.py is owned elsewhere / may not exist yet
-    _CancelBase = RuntimeError
+from .progress import Cancelled
 
 STAGE = "S.2"
 CHANNELS = ("vt", "gm", "wm_csf")
@@ -46,8 +53,8 @@ LABELS = {"gm": (5,), "wm_csf": (6, 8), "vt": (7,)}
 COMPOSITE_WEIGHTS = {"vt": 1.0, "gm": 2.0, "wm_csf": 3.0}
 
 
-class RegistrationCancelled(_CancelBase):
-    """Raised when the ``cancel()`` callback returns True during S.2."""
+class RegistrationCancelled(Cancelled):
+    """Raised when the ``cancel()`` callback returns True during S.2 (a progress.Cancelled)."""
 
 
 class RegistrationError(ValueError):

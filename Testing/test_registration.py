@@ -355,3 +355,21 @@ def test_bspline_recovers_known_deformation(synthetic, atlas_channels, atlas_lab
     print(f"bspline: mean {err.mean():.2f} p95 {np.percentile(err, 95):.2f}; {reg.timings}")
     assert err.mean() < 0.5 * SPACING and np.percentile(err, 95) < SPACING
     assert reg.inverse_error_mm["mean"] < 0.1
+
+
+def test_far_apart_scanner_coordinates(synthetic, atlas_channels, atlas_labels):
+    """Patient and atlas need not overlap physically (scanner vs atlas coordinates): the
+    moments initialiser brings them together; affine-only error = the non-affine part."""
+    s, ref, patient = synthetic
+    shift = np.array([400.0, -300.0, 250.0])
+    moved = {}
+    for k, img in patient.items():
+        moved[k] = sitk.Image(img)
+        moved[k].SetOrigin(tuple(np.array(img.GetOrigin()) + shift))
+    mask = _empty_mask(moved["vt"])
+    reg = R.register_patient_to_atlas(moved, atlas_channels, mask, deformable="none")
+    t = sitk.TranslationTransform(3, tuple(-shift))           # back to the synthetic frame
+    s_shifted = sitk.CompositeTransform([s, t])                # t applied first
+    err = _errors(reg.forward, s_shifted, _brain_points(atlas_labels, step=3))
+    assert reg.method == "affine+none" and reg.displacement is None
+    assert err.mean() < SPACING and reg.inverse_error_mm["max"] < 1e-6
