@@ -7,7 +7,11 @@ with v(X*) by periodic cubic Lagrange interpolation (interpolation.py). Then
 - conservative transport (wm, gm, c), Heun along the characteristic:
     ν_i = ν(X), s_i = −ν_i·(∇·v)(X), ν* = ν_i + dt·s_i, s* = −ν*·(∇·v)(x),
     ν⁺ = ν_i + dt/2·(s_i + s*),   with ∇·v spectral and (∇·v)(X) interpolated.
+  This is linear in ν_i, so it is applied as ν⁺ = ν_i·F with the per-voxel factor
+  F = 1 − dt/2·(a + b·(1 − dt·a)), a = (∇·v)(X), b = (∇·v)(x), built in set_velocity
+  (the same formula up to float round-off; one multiply per transported field).
 Zero velocity is the identity bit for bit (integer offsets, exact Lagrange weights).
+cfl = dt·max|v|/h with |v| the per-voxel Euclidean magnitude.
 """
 from __future__ import annotations
 
