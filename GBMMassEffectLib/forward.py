@@ -185,7 +185,9 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
                 snapshot_times=(), on_cfl: str = "raise") -> ForwardResult:
     """Solve the §3 forward model from c0 on the given tissues; see the module docstring.
 
-    tissue: tissue fractions at t = 0 before the tumor filter (not modified).
+    tissue: tissue fractions at t = 0 before the tumor filter (not modified), used as given:
+    smooth them first (Tissues.smoothed) where MODEL §2 asks for it; the §8 regression
+    does not. gamma = 0 skips the elasticity (u ≡ v ≡ 0, exactly §3's γ = 0 limit).
     progress(step_stats) is called after every step; cancel() is polled before every step
     and a True raises progress.Cancelled. snapshot_times: model times (0 … (nt+1)·dt)
     whose state (c, u, tissues) is kept; each is matched to the nearest step.
