@@ -205,7 +205,7 @@ class Elasticity:
     # ---- the preconditioner -----------------------------------------------------
     def preconditioner(self, coef: ElasticityCoefficients):
         """B = L̄⁻¹ on spectra (grid means µ̄, λ̄, η̄; Nyquist wavenumber 0)."""
-        xp, ops = self.xp, self.ops
+        ops = self.ops
         k0, k1, k2 = ops.k
         ksq = ops.ksq.astype(np.float64)
         a = coef.mu_bar * ksq + coef.eta_bar
