@@ -178,40 +178,43 @@ def _patient_point(s, x_atlas):
 
 
 def test_tumor_mask_is_honoured(synthetic, atlas_channels, atlas_labels):
-    """(c) a ventricle-like "tumour" blob (r = 18 mm) replaces tissue next to the ventricles:
-    with the mask, the ventricles outside the tumour still register (Dice) and the map far
-    from the tumour is as accurate as without any tumour; without the mask the fake
-    ventricle pulls the real one (lower Dice)."""
+    """(c) mask honoured: the patient's tissue inside a blob (r = 18 mm, next to the
+    ventricles) is replaced by two very different contents ("ventricle" or "white matter");
+    with the tumour mask (r = 27 mm: the weight 1 − G_σ*mask, σ = 2 voxels = 6 mm, is below
+    0.07 on the altered voxels) the two maps agree, and far from the tumour the map is as
+    accurate as without a tumour. Measured: map difference inside 0.40 mm masked vs 3.05 mm
+    unmasked; far error mean 0.99 mm (no tumour: 1.08 over the whole brain)."""
     s, ref, patient = synthetic
     vt_idx = np.argwhere(sitk.GetArrayViewFromImage(atlas_labels) == 7).mean(0)
     centre_atlas = np.array(atlas_labels.TransformContinuousIndexToPhysicalPoint(
         [float(v) for v in vt_idx[::-1]])) + np.array([15.0, 0.0, 0.0])
+    centre = _patient_point(s, centre_atlas)
     radius = 18.0
-    blob = _sphere(ref, _patient_point(s, centre_atlas), radius)
-    altered = {}
-    for k, img in patient.items():
-        a = sitk.GetArrayFromImage(img)
-        a[blob] = 1.0 if k == "vt" else 0.0
-        altered[k] = sitk.GetImageFromArray(a)
-        altered[k].CopyInformation(img)
-    mask = sitk.GetImageFromArray(blob.astype(np.uint8))
+    blob = _sphere(ref, centre, radius)
+    mask = sitk.GetImageFromArray(_sphere(ref, centre, radius + 9.0).astype(np.uint8))
     mask.CopyInformation(ref)
-    masked = R.register_patient_to_atlas(altered, atlas_channels, mask, iterations=45)
-    unmasked = R.register_patient_to_atlas(altered, atlas_channels, _empty_mask(ref), iterations=45)
-    # the unmasked run is scored with the same tumour exclusion
-    w = R.warp_to_atlas(R.tumor_weight(mask, ref), unmasked, interpolator=sitk.sitkLinear, default=1.0)
-    warped = {k: R.warp_to_atlas(v, unmasked) for k, v in altered.items()}
-    q_unmasked = R.registration_quality(atlas_channels, warped, w)
     pts = _brain_points(atlas_labels, step=2)
-    far = np.array([math.dist(p, centre_atlas) for p in pts]) > radius + 15.0   # w ≈ 1 there
-    err = _errors(masked.forward, s, pts)
-    print(f"mask: vt Dice outside tumour {masked.quality['dice_vt']:.3f} (unmasked "
-          f"{q_unmasked['dice_vt']:.3f}); far error mean {err[far].mean():.2f} p95 "
-          f"{np.percentile(err[far], 95):.2f}; near {err[~far].mean():.2f}")
-    assert err[far].mean() < 0.5 * SPACING and np.percentile(err[far], 95) < SPACING
-    assert err[~far].mean() < SPACING
-    assert masked.quality["dice_vt"] > 0.65
-    assert masked.quality["dice_vt"] > q_unmasked["dice_vt"] + 0.05   # measured 0.737 vs 0.624
+    dist = np.array([math.dist(p, centre_atlas) for p in pts])
+    inside, far = dist < radius, dist > radius + 24.0
+    maps = []
+    for content in ("vt", "wm_csf"):
+        altered = {}
+        for k, img in patient.items():
+            a = sitk.GetArrayFromImage(img)
+            a[blob] = 1.0 if k == content else 0.0
+            altered[k] = sitk.GetImageFromArray(a)
+            altered[k].CopyInformation(img)
+        reg = R.register_patient_to_atlas(altered, atlas_channels, mask, iterations=45)
+        err = _errors(reg.forward, s, pts)
+        assert err[far].mean() < 0.5 * SPACING and np.percentile(err[far], 95) < SPACING
+        assert err[inside].mean() < 1.5 * SPACING     # filled in from the surroundings
+        maps.append(np.array([reg.forward.TransformPoint(p) for p in pts]))
+    diff = np.linalg.norm(maps[0] - maps[1], axis=1)
+    print(f"mask: far error mean {err[far].mean():.2f} p95 {np.percentile(err[far], 95):.2f}, inside "
+          f"{err[inside].mean():.2f}; content-to-content map difference inside {diff[inside].mean():.3f} "
+          f"max {diff.max():.3f}, far {diff[far].mean():.3f}")
+    assert diff[inside].mean() < SPACING / 4       # unmasked: 3.05 mm (> 1 voxel)
+    assert diff[far].mean() < 0.1
 
 
 T1_ATLAS = {0: 0.0, 5: 0.65, 6: 1.0, 7: 0.25, 8: 0.25}
@@ -373,3 +376,29 @@ def test_far_apart_scanner_coordinates(synthetic, atlas_channels, atlas_labels):
     err = _errors(reg.forward, s_shifted, _brain_points(atlas_labels, step=3))
     assert reg.method == "affine+none" and reg.displacement is None
     assert err.mean() < SPACING and reg.inverse_error_mm["max"] < 1e-6
+
+
+def test_displacement_field_round_trip(demons_reg, synthetic, atlas_labels):
+    """A displacement u (mm) on the atlas grid brought to the patient and back is recovered
+    (vectors mapped, not only resampled), and differs from plain resampling by the map's
+    rotation/scaling."""
+    reg, _ = demons_reg
+    _, ref, _ = synthetic
+    u_tx = _bumps(atlas_labels, amp=4.0, width=25.0, seed=3)
+    u = sitk.Cast(u_tx.GetDisplacementField(), sitk.sitkVectorFloat32)
+    u_p = R.warp_to_patient(u, reg, ref)
+    u_back = R.warp_to_atlas(u_p, reg)
+    brain = sitk.GetArrayViewFromImage(atlas_labels) > 0
+    a, b = sitk.GetArrayFromImage(u)[brain], sitk.GetArrayFromImage(u_back)[brain]
+    size = np.linalg.norm(a, axis=-1).mean()
+    diff = np.linalg.norm(a - b, axis=-1)
+    naive = sitk.GetArrayFromImage(sitk.Resample(u, ref, reg.inverse, sitk.sitkLinear, 0.0))
+    mapped = sitk.GetArrayFromImage(u_p)
+    pbrain = sitk.GetArrayViewFromImage(sitk.Resample(atlas_labels, ref, reg.inverse,
+                                                      sitk.sitkNearestNeighbor, 0)) > 0
+    change = np.linalg.norm(naive[pbrain] - mapped[pbrain], axis=-1).mean()
+    print(f"|u| mean {size:.2f} mm; round trip error mean {diff.mean():.3f} p95 {np.percentile(diff, 95):.3f}; "
+          f"mapping vs plain resampling {change:.3f}")
+    assert size > 1.0
+    assert diff.mean() < 0.05 * size and np.percentile(diff, 95) < 0.15 * size
+    assert change > 0.05 * size            # rotation by 6° and 4% scaling are not ignored
