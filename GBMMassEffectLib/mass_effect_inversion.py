@@ -1,0 +1,287 @@
+"""Stage S.3 for one atlas: calibrate κ, ρ, γ with c0 fixed (MODEL.md §6, S.3).
+
+Minimises  J(κ, ρ, γ) = ½h³‖O(c(1) − d)‖² + ½h³‖vt(1) − vt_patient‖²
+over the scaled variables x = (10·γ, ρ, 100·κ) with bound-constrained L-BFGS-B (scipy),
+every evaluation a full forward solve of §3 from the atlas (u = v = 0). The gradient is
+one-sided finite differences with step 1e-5·|x_i| (1e-5 where x_i = 0), i.e. four forward
+solves per gradient, run concurrently on a thread pool (the FFTs release the GIL). Stops at
+‖P g(x_k)‖ ≤ gtol_rel·‖P g(x_0)‖ (P: projection onto the feasible directions) or after
+maxiter iterations, 5 L-BFGS vectors. At the optimum it reports the condition number of
+the forward-difference Hessian in the scaled variables (step ε_mach^{1/3}).
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, minimize
+
+from .forward import ForwardParams, run_forward
+from .observation import Misfit
+from .progress import Cancelled, check_cancel
+from .spectral import SpectralOps
+
+#: scaling of (γ, ρ, κ) into the optimiser's variables x = (10γ, ρ, 100κ)
+SCALE = np.array([10.0, 1.0, 100.0])
+NAMES = ("gamma", "rho", "kappa")
+
+
+@dataclass(frozen=True)
+class MassEffectOptions:
+    """Settings of S.3 (defaults: MODEL.md §6)."""
+
+    gamma_bounds: tuple[float, float] = (0.0, 1.5)
+    rho_bounds: tuple[float, float] = (2.0, 15.0)
+    kappa_bounds: tuple[float, float] = (0.005, 0.05)
+    fd_rel_step: float = 1e-5
+    gtol_rel: float = 1e-3
+    maxiter: int = 50
+    maxcor: int = 5
+    workers: int = 4
+    hessian: bool = True
+    nt: int = 25
+    dt: float = 0.04
+    r_k: float = 0.0
+    r_rho: float = 0.0
+    elasticity_rtol: float = 1e-3
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "MassEffectOptions":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown S.3 option(s): {', '.join(sorted(unknown))}")
+        for key in ("gamma_bounds", "rho_bounds", "kappa_bounds"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+    def bounds_scaled(self) -> Bounds:
+        lo = np.array([self.gamma_bounds[0], self.rho_bounds[0], self.kappa_bounds[0]]) * SCALE
+        hi = np.array([self.gamma_bounds[1], self.rho_bounds[1], self.kappa_bounds[1]]) * SCALE
+        return Bounds(lo, hi)
+
+
+def to_scaled(gamma: float, rho: float, kappa: float) -> np.ndarray:
+    return np.array([gamma, rho, kappa], dtype=float) * SCALE
+
+
+def from_scaled(x) -> dict:
+    g, r, k = np.asarray(x, dtype=float) / SCALE
+    return {"gamma": float(g), "rho": float(r), "kappa": float(k)}
+
+
+@dataclass
+class MassEffectResult:
+    """Outcome of S.3 for one atlas, shaped like scipy's OptimizeResult."""
+
+    x: np.ndarray
+    kappa: float
+    rho: float
+    gamma: float
+    fun: float
+    misfit_tumor: float
+    misfit_vt: float
+    relative_tumor_error: float
+    max_u: float  # domain units
+    nit: int
+    nfev: int
+    n_forward: int
+    status: int
+    message: str
+    success: bool
+    gradient_norm: float
+    gradient_norm_initial: float
+    hessian_condition: float | None
+    cfl_flagged: int
+    seconds: float
+    history: list = field(default_factory=list)
+    forward: object = None  # ForwardResult at the optimum (c, tissues, u, v)
+
+    def summary(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("forward", "x", "history")}
+        d["x_scaled"] = [float(v) for v in self.x]
+        d["history"] = self.history
+        return d
+
+
+class MassEffectObjective:
+    """J(x) of S.3 with a cache of evaluated points and solve counters (hippylib-style)."""
+
+    def __init__(self, ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient,
+                 options: MassEffectOptions, cancel=None):
+        self.ops, self.tissues, self.c0 = ops, atlas_tissues, c0
+        self.misfit = Misfit(ops, d, O)
+        self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
+        self.options, self.cancel = options, cancel
+        self.n_forward = 0
+        self.cfl_flagged = 0
+        self._cache: dict[tuple, tuple[float, dict]] = {}
+
+    def params(self, x) -> ForwardParams:
+        p = from_scaled(x)
+        o = self.options
+        return ForwardParams(kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], nt=o.nt, dt=o.dt,
+                             r_k=o.r_k, r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
+
+    def solve(self, x):
+        """Full forward solve at x; returns (J, parts, ForwardResult)."""
+        check_cancel(self.cancel)
+        res = run_forward(self.ops, self.tissues, self.c0, self.params(x), cancel=self.cancel,
+                          on_cfl="flag")
+        self.n_forward += 1
+        if res.cfl_flagged:
+            self.cfl_flagged += 1
+        xp = self.ops.xp
+        jt = self.misfit.value(res.c)
+        r = res.tissues.vt - self.vt_patient
+        jv = 0.5 * self.ops.h**3 * float(xp.sum(r * r, dtype=np.float64))
+        parts = {"tumor": jt, "vt": jv}
+        return jt + jv, parts, res
+
+    def value(self, x) -> float:
+        key = tuple(np.round(np.asarray(x, dtype=float), 14))
+        if key not in self._cache:
+            J, parts, _ = self.solve(x)
+            self._cache[key] = (J, parts)
+        return self._cache[key][0]
+
+    def values(self, points, workers: int) -> list[float]:
+        """J at several points, concurrently."""
+        todo = [p for p in points if tuple(np.round(p, 14)) not in self._cache]
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+                list(pool.map(self.value, todo))
+        return [self.value(p) for p in points]
+
+
+def fd_steps(x, rel_step: float, bounds: Bounds) -> np.ndarray:
+    """One-sided steps 1e-5·|x_i| (1e-5 where x_i = 0), backwards at an upper bound."""
+    h = rel_step * np.where(np.abs(x) > 0, np.abs(x), 1.0)
+    return np.where(x + h > bounds.ub, -h, h)
+
+
+def fd_gradient(obj: MassEffectObjective, x, options: MassEffectOptions, bounds: Bounds):
+    """(J(x), ∇J(x)) by one-sided differences: 4 forward solves, run concurrently."""
+    h = fd_steps(x, options.fd_rel_step, bounds)
+    pts = [np.array(x, dtype=float)] + [x + h[i] * np.eye(3)[i] for i in range(3)]
+    vals = obj.values(pts, options.workers)
+    g = np.array([(vals[i + 1] - vals[0]) / h[i] for i in range(3)])
+    return vals[0], g
+
+
+def projected_gradient_norm(x, g, bounds: Bounds) -> float:
+    """‖P g‖: drop components that push against an active bound."""
+    pg = g.copy()
+    at_lo = (x <= bounds.lb + 1e-12) & (g > 0)
+    at_hi = (x >= bounds.ub - 1e-12) & (g < 0)
+    pg[at_lo | at_hi] = 0.0
+    return float(np.linalg.norm(pg))
+
+
+def fd_hessian(obj: MassEffectObjective, x, workers: int, eps: float) -> np.ndarray:
+    """Forward-difference Hessian in the scaled variables, step eps^{1/3}·max(|x_i|, 1)."""
+    x = np.asarray(x, dtype=float)
+    h = eps ** (1.0 / 3.0) * np.maximum(np.abs(x), 1.0)
+    E = np.eye(3) * h
+    pts = {"0": x}
+    for i in range(3):
+        pts[f"{i}"] = x + E[i]
+        pts[f"{i}{i}"] = x + 2 * E[i]
+        for j in range(i + 1, 3):
+            pts[f"{i}{j}"] = x + E[i] + E[j]
+    pts["0"] = x
+    keys = list(pts)
+    vals = dict(zip(keys, obj.values([pts[k] for k in keys], workers)))
+    f0 = obj.value(x)
+    H = np.empty((3, 3))
+    for i in range(3):
+        H[i, i] = (vals[f"{i}{i}"] - 2 * vals[f"{i}"] + f0) / h[i] ** 2
+        for j in range(i + 1, 3):
+            H[i, j] = H[j, i] = (vals[f"{i}{j}"] - vals[f"{i}"] - vals[f"{j}"] + f0) / (h[i] * h[j])
+    return H
+
+
+def condition_number(H: np.ndarray) -> float:
+    """|λ|max / |λ|min of the symmetric Hessian (inf when singular)."""
+    ev = np.abs(np.linalg.eigvalsh(0.5 * (H + H.T)))
+    return float(ev.max() / ev.min()) if ev.min() > 0 else math.inf
+
+
+def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
+                       initial: dict | None = None, options: MassEffectOptions | None = None,
+                       progress=None, cancel=None, atlas: str | int | None = None) -> MassEffectResult:
+    """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units)."""
+    options = options or MassEffectOptions()
+    t0 = time.perf_counter()
+    bounds = options.bounds_scaled()
+    init = {"gamma": 0.6, "rho": 8.0, "kappa": 0.02}
+    init.update(initial or {})
+    x0 = np.clip(to_scaled(init["gamma"], init["rho"], init["kappa"]), bounds.lb, bounds.ub)
+    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel)
+    state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
+    history: list[dict] = []
+
+    def report(msg):
+        if progress is not None:
+            progress({"stage": "S.3", "atlas": atlas, "iteration": state["nit"],
+                      "objective": state["J"], "fraction": min(state["nit"] / options.maxiter, 1.0),
+                      "message": msg, **from_scaled(state["x"])})
+
+    def fun(x):
+        J, g = fd_gradient(obj, x, options, bounds)
+        state.update(x=np.array(x), J=J, g=g)
+        if state["g0"] is None:
+            state["g0"] = projected_gradient_norm(x, g, bounds)
+        return J, g
+
+    def callback(intermediate_result):
+        state["nit"] += 1
+        x = intermediate_result.x
+        J, g = fd_gradient(obj, x, options, bounds)  # cached: no extra solves
+        gn = projected_gradient_norm(x, g, bounds)
+        history.append({"iteration": state["nit"], "objective": J, "gradient_norm": gn,
+                        **from_scaled(x)})
+        state.update(x=np.array(x), J=J)
+        report(f"S.3 iteration {state['nit']}: J={J:.4e} |g|={gn:.2e}")
+        if state["g0"] and gn <= options.gtol_rel * state["g0"]:
+            raise StopIteration
+
+    report("S.3 started")
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                   options={"maxiter": options.maxiter, "maxcor": options.maxcor,
+                            "ftol": 1e-12, "gtol": 1e-12})
+    x = np.clip(res.x, bounds.lb, bounds.ub)
+    J, g = fd_gradient(obj, x, options, bounds)
+    gn = projected_gradient_norm(x, g, bounds)
+    converged = bool(state["g0"] is not None and gn <= options.gtol_rel * state["g0"])
+    J_opt, parts, fwd = obj.solve(x)
+    cond = None
+    if options.hessian:
+        report("S.3 Hessian at the optimum")
+        eps = float(np.finfo(ops.dtype).eps)
+        cond = condition_number(fd_hessian(obj, x, options.workers, eps))
+    xp = ops.xp
+    umag = xp.sqrt(xp.sum(fwd.u * fwd.u, axis=0))
+    p = from_scaled(x)
+    status = 0 if converged else (1 if res.nit >= options.maxiter else 2)
+    message = ("relative gradient below %.0e" % options.gtol_rel if converged
+               else ("iteration limit reached" if status == 1 else str(res.message)))
+    out = MassEffectResult(
+        x=x, kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], fun=J_opt,
+        misfit_tumor=parts["tumor"], misfit_vt=parts["vt"],
+        relative_tumor_error=obj.misfit.relative_error(fwd.c), max_u=float(umag.max()),
+        nit=int(state["nit"]), nfev=int(res.nfev), n_forward=obj.n_forward, status=status,
+        message=message, success=converged, gradient_norm=gn,
+        gradient_norm_initial=float(state["g0"] or 0.0), hessian_condition=cond,
+        cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0, history=history,
+        forward=fwd)
+    report(f"S.3 done: γ={out.gamma:.3f} ρ={out.rho:.2f} κ={out.kappa:.4f}")
+    return out
+
+
+__all__ = ["MassEffectOptions", "MassEffectResult", "MassEffectObjective", "invert_mass_effect",
+           "to_scaled", "from_scaled", "fd_hessian", "condition_number", "Cancelled"]
