@@ -46,6 +46,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .progress import Cancelled
 
@@ -169,7 +170,10 @@ def _check_channels(patient: Mapping, atlas: Mapping) -> None:
                 ref = img
             elif not _same_grid(ref, img):
                 raise RegistrationError(f"{who} channels are not on one grid ('{k}' differs)")
-            if sitk.GetArrayViewFromImage(img).max() <= 0:
+            arr = sitk.GetArrayViewFromImage(img)
+            if not np.isfinite(arr).all():
+                raise RegistrationError(f"{who} channel '{k}' has non-finite values (NaN/inf)")
+            if arr.max() <= 0:
                 raise RegistrationError(f"{who} channel '{k}' is empty (all zero)")
 
 
@@ -280,7 +284,6 @@ def _weighted_update(old: sitk.Image, new: sitk.Image, w: sitk.Image, fill_mm: f
     delta = sitk.GetArrayFromImage(new) - a_old
     wa = sitk.GetArrayFromImage(w).astype(np.float64)
     sp = np.array(w.GetSpacing())[::-1]
-    from scipy import ndimage
     sig = fill_mm / sp
     den = ndimage.gaussian_filter(wa, sig, mode="nearest") + 1e-6
     nc = np.stack([ndimage.gaussian_filter(wa * delta[..., c], sig, mode="nearest") / den
@@ -609,6 +612,8 @@ def register_t1(patient_t1: sitk.Image, atlas_t1: sitk.Image, tumor_mask: sitk.I
     _require_image(patient_t1, "patient_t1")
     _require_image(atlas_t1, "atlas_t1")
     for name, img in (("patient_t1", patient_t1), ("atlas_t1", atlas_t1)):
+        if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+            raise RegistrationError(f"{name} has non-finite values (NaN/inf)")
         if sitk.GetArrayViewFromImage(img).max() <= sitk.GetArrayViewFromImage(img).min():
             raise RegistrationError(f"{name} is empty (constant intensity)")
     fixed = sitk.RescaleIntensity(_as_float(atlas_t1), 0.0, 1.0)

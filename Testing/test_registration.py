@@ -299,6 +299,7 @@ def test_clear_errors(atlas_channels):
         (dict(patient_channels={"vt": _small(), "gm": _small()}), "keys differ"),
         (dict(patient_channels={**pat, "vt": sitk.Image()}), "non-empty 3D"),
         (dict(atlas_channels={**atl, "gm": _small(0.0)}), "empty"),
+        (dict(atlas_channels={**atl, "gm": _small(float("nan"))}), "non-finite"),
         (dict(patient_channels={**pat, "gm": _small(origin=(5.0, 0.0, 0.0))}), "not on one grid"),
         (dict(tumor_mask=sitk.Cast(_small(1.0, origin=(900.0, 0.0, 0.0)), sitk.sitkUInt8)), "does not overlap"),
         (dict(tumor_mask=sitk.Cast(_small(1.0), sitk.sitkUInt8)), "covers more than 90%"),
