@@ -173,6 +173,10 @@ def _lbfgsb(fun, x0, bounds, maxiter, run: _Run, support: int, label: str, ftol:
 
     def f(x):
         val, g = fun(x)
+        if not (np.isfinite(val) and np.all(np.isfinite(g))):
+            # overflow far outside the useful range (huge p): a large value makes the line
+            # search backtrack instead of propagating NaN into the iterate
+            val, g = 1e6, np.zeros_like(np.asarray(x, dtype=np.float64))
         cache["last"] = (val, g)
         return val, g
 

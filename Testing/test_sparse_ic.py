@@ -110,17 +110,33 @@ def test_single_source_recovered_within_one_voxel():
     assert lines[-1]["fraction"] == 1.0 and lines[-1]["objective"] < lines[0]["objective"]
 
 
+def _compare_finals(n, options):
+    ops, wm, c0, d, _ = _synthetic(n)
+    out = {}
+    for final in ("joint", "reference"):
+        opt = SparseICOptions(**{**options.__dict__, "final": final})
+        res = solve_sparse_ic(ops, wm, None, None, None, d, options=opt)
+        err = np.linalg.norm(_com(ops, res.c0) - _com(ops, c0)) / ops.h
+        out[final] = (res, err)
+        print(f"\n{n}³ final={final}: COM error {err:.3f} voxels, κ {res.kappa:.4f} (0.01), "
+              f"ρ {res.rho:.3f} (6), relative misfit {res.relative_error:.3e}, {res.nfev} evaluations")
+    return out
+
+
+def test_joint_final_solve_at_least_as_good_as_reference():
+    """MODEL §6 allows a final joint (p_S, κ, ρ) solve if it recovers at least as well: shown here."""
+    out = _compare_finals(16, FAST)
+    (rj, ej), (rr, er) = out["joint"], out["reference"]
+    assert rj.relative_error <= rr.relative_error * 1.001
+    assert abs(rj.rho - 6) <= abs(rr.rho - 6) + 0.05 and abs(rj.kappa - 0.01) <= abs(rr.kappa - 0.01) + 5e-4
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("final", ["joint", "reference"])
-def test_single_source_48(final):
-    """48³ single-source recovery; the joint final solve recovers at least as well (slow)."""
-    ops, wm, c0, d, centre = _synthetic(48)
-    res = solve_sparse_ic(ops, wm, None, None, None, d,
-                          options=SparseICOptions(cosamp_iterations=2, final=final))
-    err = np.linalg.norm(_com(ops, res.c0) - _com(ops, c0)) / ops.h
-    print(f"\n48³ {final}: COM error {err:.3f} voxels, κ {res.kappa:.4f}, ρ {res.rho:.3f}, "
-          f"relative misfit {res.relative_error:.3e}, {res.nfev} evaluations")
-    assert err < 1.0
+def test_single_source_48():
+    """48³ single-source recovery, both final variants (slow)."""
+    out = _compare_finals(48, SparseICOptions(cosamp_iterations=2))
+    assert out["joint"][1] < 1.0
+    assert out["joint"][0].relative_error <= out["reference"][0].relative_error * 1.001
 
 
 def test_cancel_and_bad_input():
@@ -162,11 +178,17 @@ def _run_reference(glia_testdata, factor, options):
     return dist, dice, res
 
 
-def test_reference_data_comparison_16(glia_testdata):
-    """patient.nc / patient_tumor.nc at 16³: recovered c0 against patient_tumor_IC.nc."""
-    dist, dice, res = _run_reference(glia_testdata, 4, FAST)
+LITE = SparseICOptions(cosamp_iterations=1, subspace_maxiter=8, final_maxiter=12, polish_maxiter=6)
+
+
+def test_reference_data_comparison_32_lite(glia_testdata):
+    """patient.nc / patient_tumor.nc coarsened to 32³, few iterations: c0 vs patient_tumor_IC.nc.
+
+    (At 16³ one atom is 4 voxels of 64³ wide, wider than the whole IC: max(c0) = 1 cannot fit.)
+    """
+    dist, dice, res = _run_reference(glia_testdata, 2, LITE)
     assert np.isfinite(dist) and res.support.size >= 1
-    assert dist < 4 * 2 * np.pi / 64  # within one 16³ voxel
+    assert dist < 3 * 2 * np.pi / 64  # within three voxels of 64³
 
 
 @pytest.mark.slow
