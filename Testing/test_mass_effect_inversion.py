@@ -1,0 +1,200 @@
+"""Stage S.3 (GBMMassEffectLib/mass_effect_inversion.py, MODEL.md §6 S.3).
+
+Pieces: the scaled variables x = (10γ, ρ, 100κ), the MODEL bounds, options.from_dict,
+the one-sided FD steps, the projected gradient, the forward-difference Hessian on an
+analytic quadratic (exact for a quadratic up to round-off) and its condition number.
+Recovery: an inverse-crime synthetic patient (data = c(1) of the same forward model, true
+c0, true atlas) on the reference atlas (glia-testdata/atlas.nc) coarsened to 16³ (default)
+and 32³ (slow); S.3 started 15% off the truth must recover γ, ρ, κ within 2%.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.io
+
+from GBMMassEffectLib.backend import get_backend
+from GBMMassEffectLib.basis import brain_mask, gaussian_atom
+from GBMMassEffectLib.forward import ForwardParams, run_forward
+from GBMMassEffectLib.mass_effect_inversion import (
+    MassEffectObjective, MassEffectOptions, condition_number, fd_gradient, fd_hessian, fd_steps,
+    from_scaled, invert_mass_effect, projected_gradient_norm, to_scaled)
+from GBMMassEffectLib.spectral import SpectralOps
+from GBMMassEffectLib.tissue import Tissues
+
+
+# ---- scaling, bounds, options -----------------------------------------------------------
+def test_scaling_round_trip():
+    x = to_scaled(0.8, 10.0, 0.025)
+    np.testing.assert_allclose(x, [8.0, 10.0, 2.5], rtol=1e-15)
+    p = from_scaled(x)
+    assert p == pytest.approx({"gamma": 0.8, "rho": 10.0, "kappa": 0.025}, rel=1e-15)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        g, r, k = rng.uniform(0, 1.5), rng.uniform(2, 15), rng.uniform(0.005, 0.05)
+        q = from_scaled(to_scaled(g, r, k))
+        assert (q["gamma"], q["rho"], q["kappa"]) == pytest.approx((g, r, k), rel=1e-14)
+
+
+def test_bounds_are_model_bounds_scaled():
+    b = MassEffectOptions().bounds_scaled()
+    np.testing.assert_allclose(b.lb, [0.0, 2.0, 0.5], rtol=1e-15)  # γ 0, ρ 2, κ 0.005
+    np.testing.assert_allclose(b.ub, [15.0, 15.0, 5.0], rtol=1e-15)  # γ 1.5, ρ 15, κ 0.05
+    # every paper test case lies strictly inside
+    for g, r, k in ((0.4, 12, 0.025), (0.8, 10, 0.05 - 1e-9), (1.2, 10, 0.025)):
+        x = to_scaled(g, r, k)
+        assert np.all(x > b.lb) and np.all(x < b.ub)
+
+
+def test_options_from_dict():
+    o = MassEffectOptions.from_dict({"maxiter": 7, "gamma_bounds": [0, 1.2], "workers": 1})
+    assert o.maxiter == 7 and o.workers == 1 and o.gamma_bounds == (0.0, 1.2)
+    np.testing.assert_allclose(o.bounds_scaled().ub, [12.0, 15.0, 5.0])
+    assert MassEffectOptions.from_dict(None) == MassEffectOptions()
+    with pytest.raises(ValueError, match="unknown S.3 option.*bogus"):
+        MassEffectOptions.from_dict({"maxiter": 3, "bogus": 1})
+
+
+def test_fd_steps_relative_and_backwards_at_upper_bound():
+    b = MassEffectOptions().bounds_scaled()
+    h = fd_steps(np.array([0.0, 10.0, 2.5]), 1e-5, b)
+    np.testing.assert_allclose(h, [1e-5, 1e-4, 2.5e-5], rtol=1e-12)
+    h = fd_steps(np.array([15.0, 15.0, 5.0]), 1e-5, b)  # all at the upper bound
+    np.testing.assert_allclose(h, [-1.5e-4, -1.5e-4, -5e-5], rtol=1e-12)
+
+
+def test_projected_gradient_drops_components_against_active_bounds():
+    b = MassEffectOptions().bounds_scaled()
+    x = np.array([0.0, 15.0, 2.5])  # γ at its lower bound, ρ at its upper bound
+    g = np.array([3.0, -4.0, 12.0])  # both push outwards: dropped
+    assert projected_gradient_norm(x, g, b) == pytest.approx(12.0)
+    g = np.array([-3.0, 4.0, 12.0])  # both point inwards: kept
+    assert projected_gradient_norm(x, g, b) == pytest.approx(13.0)
+
+
+# ---- FD Hessian on an analytic quadratic -----------------------------------------------
+class Quadratic:
+    """J(x) = ½(x−a)ᵀA(x−a) + c with value/values like MassEffectObjective."""
+
+    def __init__(self, A, a, c=0.7):
+        self.A, self.a, self.c = np.asarray(A, float), np.asarray(a, float), c
+        self.calls = 0
+
+    def value(self, x):
+        self.calls += 1
+        r = np.asarray(x, float) - self.a
+        return 0.5 * r @ self.A @ r + self.c
+
+    def values(self, points, workers):
+        return [self.value(p) for p in points]
+
+
+A_SPD = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, -0.2], [0.5, -0.2, 0.05]])
+
+
+#: fd_hessian stores the base point under key "0" and the first-axis step x + h₀e₀ under
+#: f"{i}" = "0" as well; the later `pts["0"] = x` overwrites the step, so row/column 0 of H
+#: use J(x) where J(x + h₀e₀) is needed (H[0,0] = (J(x+2h₀e₀) − J(x))/h₀², wrong by
+#: O(g₀/h₀)). Reported to the lead; remove this marker with the fix (distinct base key).
+FD_HESSIAN_KEY_BUG = pytest.mark.xfail(strict=True, reason="fd_hessian: key '0' collision (base point vs x+h0e0)")
+
+
+@FD_HESSIAN_KEY_BUG
+@pytest.mark.parametrize("eps", [np.finfo(np.float32).eps, np.finfo(np.float64).eps])
+def test_fd_hessian_exact_on_quadratic(eps):
+    q = Quadratic(A_SPD, [8.0, 10.0, 2.5])
+    x = np.array([6.0, 12.0, 2.0])
+    H = fd_hessian(q, x, workers=1, eps=eps)
+    # second differences are exact for a quadratic; only round-off of J/h² remains
+    tol = 1e-9 if eps > 1e-10 else 1e-4
+    np.testing.assert_allclose(H, A_SPD, rtol=0, atol=tol * np.abs(A_SPD).max())
+    assert np.array_equal(H, H.T)
+    ev = np.linalg.eigvalsh(A_SPD)
+    assert condition_number(H) == pytest.approx(ev.max() / ev.min(), rel=1e-6 if eps > 1e-10 else 1e-2)
+
+
+def test_fd_hessian_rows_1_2_exact_on_quadratic():
+    """The entries not touched by the key collision (rows/columns 1, 2) are exact."""
+    q = Quadratic(A_SPD, [8.0, 10.0, 2.5])
+    H = fd_hessian(q, np.array([6.0, 12.0, 2.0]), workers=1, eps=np.finfo(np.float32).eps)
+    np.testing.assert_allclose(H[1:, 1:], A_SPD[1:, 1:], rtol=0, atol=1e-8)
+
+
+def test_condition_number():
+    assert condition_number(np.diag([1.0, 10.0, 100.0])) == pytest.approx(100.0)
+    assert condition_number(np.diag([-2.0, 1.0, 4.0])) == pytest.approx(4.0)  # |λ|
+    assert condition_number(np.diag([1.0, 0.0, 3.0])) == math.inf
+
+
+def test_fd_gradient_on_quadratic():
+    """One-sided differences of a quadratic: g_i = (A(x−a))_i + ½A_ii·h_i exactly."""
+    a = np.array([8.0, 10.0, 2.5])
+    q = Quadratic(A_SPD, a)
+    o = MassEffectOptions(workers=1)
+    b = o.bounds_scaled()
+    x = np.array([6.0, 12.0, 2.0])
+    J, g = fd_gradient(q, x, o, b)
+    h = fd_steps(x, o.fd_rel_step, b)
+    assert J == pytest.approx(q.value(x))
+    np.testing.assert_allclose(g, A_SPD @ (x - a) + 0.5 * np.diag(A_SPD) * h, rtol=1e-6, atol=1e-9)
+
+
+# ---- recovery: true IC, true atlas ---------------------------------------------------------
+TRUTH = {"gamma": 0.8, "rho": 10.0, "kappa": 0.025}  # TC(c)-like (κ as TC(d))
+
+
+def _atlas_case(glia_testdata, n: int):
+    """atlas.nc fractions block-averaged to n³, smoothed one voxel; c0 a Gaussian of σ = 8·2π/64
+    (four voxels at 32³, two at 16³) at the peak of the reference's patient_tumor_IC.nc."""
+    nc = lambda name: scipy.io.netcdf_file(glia_testdata / name, "r", mmap=False).variables["data"].data  # noqa: E731
+    lab = np.rint(nc("atlas.nc")).astype(int)
+    f = 64 // n
+    coarse = lambda m: m.reshape(n, f, n, f, n, f).mean(axis=(1, 3, 5))  # noqa: E731
+    fr = {k: coarse((lab == v).astype(np.float64)) for k, v in (("gm", 5), ("wm", 6), ("vt", 7), ("csf", 8))}
+    ops = SpectralOps(n, get_backend("cpu", "float32"))
+    tissues = Tissues.from_fractions(np, fr["wm"], fr["gm"], fr["vt"], fr["csf"]).smoothed(ops)
+    ic = nc("patient_tumor_IC.nc").astype(np.float64)
+    centre = np.array(np.unravel_index(np.argmax(ic), ic.shape), float) * 2 * math.pi / 64
+    mask = brain_mask(tissues.wm, tissues.gm, tissues.vt)
+    atom = gaussian_atom(ops, centre, 8 * 2 * math.pi / 64, mask)
+    c0 = (atom / atom.max()).astype(np.float32)
+    res = run_forward(ops, tissues, c0, ForwardParams(**TRUTH), on_cfl="raise")
+    return ops, tissues, c0, res
+
+
+def _recover(glia_testdata, n: int):
+    ops, tissues, c0, res = _atlas_case(glia_testdata, n)
+    assert float(res.displacement_norm().max()) > ops.h  # a real mass effect (> 1 voxel)
+    start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}  # 15% off
+    r = invert_mass_effect(ops, tissues, c0, res.c, None, res.tissues.vt, initial=start,
+                           options=MassEffectOptions(workers=2, hessian=False))
+    for k in ("gamma", "rho", "kappa"):
+        assert getattr(r, k) == pytest.approx(TRUTH[k], rel=0.02), (k, getattr(r, k), r.message)
+    assert r.gradient_norm <= r.gradient_norm_initial * 1e-2
+    assert r.relative_tumor_error < 0.02
+    assert r.max_u == pytest.approx(float(res.displacement_norm().max()), rel=0.02)
+    assert r.n_forward >= 4 * (r.nit + 1) and r.cfl_flagged == 0
+    return r
+
+
+def test_recovery_true_ic_true_atlas_16(glia_testdata):
+    _recover(glia_testdata, 16)
+
+
+@pytest.mark.slow
+def test_recovery_true_ic_true_atlas_32(glia_testdata):
+    _recover(glia_testdata, 32)
+
+
+def test_objective_counts_and_caches(glia_testdata):
+    """J at the truth is ~0 (inverse crime), the cache avoids repeated solves."""
+    ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
+    obj = MassEffectObjective(ops, tissues, c0, res.c, None, res.tissues.vt, MassEffectOptions())
+    x = to_scaled(**TRUTH)
+    J = obj.value(x)
+    assert obj.n_forward == 1 and J < 1e-10
+    assert obj.values([x, x], workers=2) == [J, J] and obj.n_forward == 1
+    J2 = obj.value(x * np.array([1.1, 1.0, 1.0]))
+    assert J2 > 1e3 * max(J, 1e-14) and obj.n_forward == 2
