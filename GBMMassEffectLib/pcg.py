@@ -23,10 +23,16 @@ def _dot(xp, a, b) -> float:
     )
 
 
-def pcg(apply_A, b, x0, apply_B, rtol: float = 1e-6, maxiter: int = 100, xp=np):
-    """Solve A x = b for SPD A, preconditioner B ≈ A⁻¹; returns (x, PCGInfo)."""
+def pcg(apply_A, b, x0, apply_B, rtol: float = 1e-6, maxiter: int = 100, xp=np, r0=None):
+    """Solve A x = b for SPD A, preconditioner B ≈ A⁻¹; returns (x, PCGInfo).
+
+    r0: the initial residual b − A·x0 when the caller already has it (saves one A).
+    """
     x = x0.copy() if x0 is not None else xp.zeros_like(b)
-    r = b - apply_A(x) if x0 is not None else b.copy()
+    if r0 is not None:
+        r = r0.copy()
+    else:
+        r = b - apply_A(x) if x0 is not None else b.copy()
     z = apply_B(r)
     Bb = apply_B(b)
     bnorm = np.sqrt(max(_dot(xp, Bb, Bb), 0.0))
