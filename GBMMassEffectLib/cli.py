@@ -25,8 +25,6 @@ from . import __version__
 from . import progress as pg
 
 _PLACEHOLDERS = {
-    "calibrate": "calibrate a patient from a job folder (DIR/job.json)",
-    "demo": "synthetic patient from the bundled atlas, then calibrate",
     "cohort": "many patients on Dask",
 }
 
@@ -100,10 +98,131 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--box-mm", type=float, default=256.0, help="physical box edge L in mm (default 256)")
     s.add_argument("--out", required=True, help="output folder")
 
+    _add_calibrate(sub)
+    _add_demo(sub)
+
     for name, text in _PLACEHOLDERS.items():
         q = sub.add_parser(name, help=f"{text} (not implemented yet)")
         q.add_argument("--job", metavar="DIR", help="job folder holding job.json")
     return p
+
+
+def _add_calibrate(sub) -> None:
+    c = sub.add_parser("calibrate", help="calibrate κ, ρ, γ for a patient (S.1 → S.2 → S.3 per atlas)",
+                       description="Calibrate a patient: --job DIR (DIR/job.json; outputs in DIR/out) "
+                                   "and/or the same settings as flags (flags override job.json).")
+    c.add_argument("--job", metavar="DIR", help="job folder holding job.json")
+    c.add_argument("--tumor-seg", dest="tumor_labels", help="tumor label map: BraTS 1 necrotic, 2 edema, 4 enhancing")
+    c.add_argument("--tumor-core", dest="tumor_core", help="binary tumor-core mask (instead of --tumor-seg)")
+    c.add_argument("--edema", help="binary edema mask (with --tumor-core)")
+    c.add_argument("--tumor-concentration", dest="tumor_concentration",
+                   help="tumor concentration c(1) in [0, 1] (synthetic studies)")
+    c.add_argument("--tissue-seg", dest="tissue_labels",
+                   help="tissue label map 5 gm, 6 wm, 7 vt, 8 csf (optional with --t1: then derived "
+                        "from the best-registered atlas)")
+    c.add_argument("--t1", help="patient T1 image (optional with --tissue-seg)")
+    c.add_argument("--atlas-set", dest="atlas_set", nargs="+", metavar="PATH",
+                   help="atlas set: 'bundled' (default), a folder with atlases.json, or label-map files")
+    c.add_argument("--atlas-names", dest="atlases", metavar="A,B,..",
+                   help="use these atlases of the set (skips the ventricle-volume choice)")
+    c.add_argument("--atlases", dest="n_atlases", type=int, metavar="K",
+                   help="number of atlases (default: the MODEL §6 rule, 4 to 8)")
+    c.add_argument("--grid", type=int, help="box voxels per axis n (even, >= 16; default 64)")
+    c.add_argument("--device", choices=["auto", "cpu", "gpu"])
+    c.add_argument("--precision", choices=["float32", "float64"])
+    c.add_argument("--seed", type=int, help="random seed (recorded; default 0)")
+    c.add_argument("--box-mm", dest="box_mm", type=float, help="physical box edge L in mm (default 256)")
+    c.add_argument("--gamma0", type=float, help="S.3 starting γ (default 0.6)")
+    c.add_argument("--predict-times", dest="predict_times", metavar="T1,T2",
+                   help="also predict the tumor at these later times (e.g. 1.2,1.5)")
+    c.add_argument("--options", metavar="JSON",
+                   help='solver options as JSON text or a .json file: {"s1": {...}, "s3": {...}, '
+                        '"registration": {...}}')
+    c.add_argument("--out", help="output folder (default DIR/out with --job)")
+
+
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="synthetic patient from the bundled atlas set, then calibrate",
+                       description="Build a synthetic patient (preset tc-b) from one bundled atlas and "
+                                   "calibrate it with the true atlas and two others; prints a summary. "
+                                   "Default: grid 32, about 10 minutes on 2 CPU cores.")
+    d.add_argument("--out", default="gbm-demo-output", help="output folder (default ./gbm-demo-output)")
+    d.add_argument("--full", action="store_true", help="the paper setting: grid 128 (256 on a GPU), up to 8 atlases")
+    d.add_argument("--preset", choices=["tc-a", "tc-b", "tc-c", "tc-d"], default="tc-b")
+    d.add_argument("--grid", type=int, default=None, help="box grid n (default 32; --full: 128/256)")
+    d.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="JSON progress lines instead of text (the process contract)")
+
+
+def _calibrate(args, outputs_holder: list, token: pg.CancelToken) -> int:
+    import json as _json
+
+    from .calibrate import CalibrateJob, CalibrateOutputs, InputError, run_calibrate
+
+    base: dict = {}
+    if args.job:
+        job = CalibrateJob.from_job_dir(args.job)
+        base = job.to_dict()
+    flags = {k: getattr(args, k) for k in ("tumor_labels", "tumor_core", "edema", "tumor_concentration",
+                                           "tissue_labels", "t1", "atlas_set", "atlases", "n_atlases", "grid",
+                                           "device", "precision", "seed", "box_mm", "gamma0", "predict_times",
+                                           "out")}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if "atlas_set" in flags and len(flags["atlas_set"]) == 1:
+        flags["atlas_set"] = flags["atlas_set"][0]
+    if "atlases" in flags:
+        flags["atlases"] = [a for a in flags["atlases"].split(",") if a]
+    if "predict_times" in flags:
+        try:
+            flags["predict_times"] = [float(t) for t in flags["predict_times"].split(",") if t]
+        except ValueError:
+            raise UsageError(f"--predict-times expects numbers like 1.2,1.5, got {args.predict_times!r}") from None
+    if args.options:
+        text = args.options
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            flags["options"] = _json.loads(text)
+        except _json.JSONDecodeError as exc:
+            raise UsageError(f"--options is not valid JSON: {exc}") from None
+    if not args.job and not flags:
+        raise UsageError("calibrate needs --job DIR or the input flags (--tumor-seg, --tissue-seg/--t1, --out)")
+    for k in ("tumor_labels", "tumor_core", "tumor_concentration"):  # a flag tumor replaces the job's
+        if k in flags:
+            for other in ("tumor_labels", "tumor_core", "tumor_concentration"):
+                if other != k and other not in flags:
+                    base[other] = None
+    job = CalibrateJob.from_dict({**base, **flags})
+    job.validate()
+    if os.path.exists(job.out) and not os.path.isdir(job.out):
+        raise InputError(f"--out {job.out} exists and is not a folder")
+    try:
+        outputs = CalibrateOutputs(job.out)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {job.out}: {exc.strerror}") from None
+    outputs_holder.append(outputs)
+    report_path = os.path.join(outputs.folder, "report.json")
+    if os.path.exists(report_path):  # a stale marker of completeness from an earlier run
+        os.remove(report_path)
+    run_calibrate(job, outputs, progress=lambda d: pg.emit({"event": "progress", **d}), cancel=token)
+    token.finish()
+    pg.result(report_path)
+    return pg.EXIT_OK
+
+
+def _demo(args, outputs_holder: list, token: pg.CancelToken) -> int:
+    from .demo import DemoOptions, run_demo
+
+    opt = DemoOptions(out=args.out, full=args.full, preset=args.preset, grid=args.grid, device=args.device,
+                      seed=args.seed, text=not args.json)
+    report_path = run_demo(opt, outputs_holder, progress=lambda d: pg.emit({"event": "progress", **d}),
+                           cancel=token)
+    token.finish()
+    if args.json:
+        pg.result(report_path)
+    return pg.EXIT_OK
 
 
 def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
@@ -145,6 +264,10 @@ def _exit_code_for(exc: BaseException) -> int:
     from .geometry import GeometryError
     from .io import ImageIOError
 
+    from .aggregate import AllAtlasesFailed
+
+    if isinstance(exc, AllAtlasesFailed):
+        return pg.EXIT_FAILURE
     if isinstance(exc, (UsageError, ImageIOError, GeometryError, DeviceError)):
         return pg.EXIT_BAD_INPUT
     mod = type(exc).__module__
@@ -179,6 +302,10 @@ def main(argv=None) -> int:
             return pg.EXIT_FAILURE
         if args.command == "simulate":
             return _simulate(args, outputs_holder, token)
+        if args.command == "calibrate":
+            return _calibrate(args, outputs_holder, token)
+        if args.command == "demo":
+            return _demo(args, outputs_holder, token)
         raise UsageError(f"unknown command {args.command!r}")
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) else 0

@@ -1,0 +1,850 @@
+"""The calibrate pipeline: S.1 → S.2 → S.3 per atlas → aggregate (MODEL.md §5–§6;
+ARCHITECTURE.md "The process boundary").
+
+Inputs (CalibrateJob, read from DIR/job.json or the CLI flags; unknown keys are errors):
+  * the tumor: a BraTS label map (1 necrotic, 2 edema, 4 enhancing; values configurable in
+    tumor_label_values), or a core mask with an optional edema mask, or (synthetic studies)
+    a tumor concentration image c(1) in [0, 1];
+  * the patient tissue: a label map (5 gm, 6 wm, 7 vt, 8 csf; configurable) or, when absent,
+    derived from the best-registered atlas through a T1 (report "patient_tissue_source");
+    neither is an input error;
+  * a T1 (optional; needed only without a tissue map), an atlas set (bundled, a manifest
+    folder or label-map files), grid n, device, number of atlases, seed.
+All patient images must share one grid (the "patient grid", that of the tumor input);
+every output lies on it.
+
+Stages:
+  S.1  on the patient in the patient's n³ box: tissue fractions with the tumor counted as
+       white matter, d = tumor-core indicator smoothed one voxel (or the concentration),
+       O = 0 on edema; sparse_ic.solve_sparse_ic → c0 (max 1), κ, ρ.
+  S.2  per atlas (chosen by ventricle volume, atlases.select_atlases): register patient →
+       atlas (registration.register_patient_to_atlas on the tissue channels, or
+       register_t1), tumor masked. Registration runs on isotropic grids of spacing
+       max(atlas voxel, box voxel / 2) (4 mm at n = 32, the atlas's 1.5 mm at n ≥ 128):
+       finer than the box it serves, and cheap at small n. c0, the core and edema
+       fractions and the patient's ventricle fraction are warped into the atlas's box
+       (fractions by m³ sub-voxel averaging), c0 rescaled to max 1, vt smoothed one voxel.
+  S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
+       tissues, started at γ = gamma0 (default 0.6, the reference's clinical start: between
+       "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds).
+       c(1), |u| (mm) and u (LPS mm) go back to the patient grid through the inverse map.
+  Aggregate: aggregate.py (dropping rules, mean ± std, voxel-wise averages).
+Atlases run one after the other; S.3 already runs its four finite-difference solves
+concurrently (options.s3.workers).
+
+Outputs (through an OutputSet: atomic, removed on failure or cancel; report.json last):
+predicted_tumor.nrrd, displacement_norm.nrrd (mm), displacement_norm_std.nrrd,
+displacement.nrrd (LPS mm vectors; the same convention as simulate: deformed(x) ≈
+healthy(x − u(x))), initial_condition.nrrd, predicted_tumor_t<T>.nrrd for each requested
+later time, patient_tissue_labels.nrrd when the tissue was derived, and atlas_<name>/
+(predicted_tumor, displacement_norm, displacement on the patient grid, result.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import aggregate, io
+from .backend import get_backend, to_numpy
+from .geometry import BoxGeometry, box_for_image
+from .progress import OutputSet, check_cancel
+
+STAGE_SPAN = {"setup": (0.0, 0.03), "S.1": (0.03, 0.25), "atlases": (0.25, 0.95), "output": (0.95, 1.0)}
+DEFAULT_TUMOR_VALUES = {"necrotic": 1, "edema": 2, "enhancing": 4}
+DEFAULT_TISSUE_VALUES = {"gm": 5, "wm": 6, "vt": 7, "csf": 8}
+CONCENTRATION_MASK = 0.1  # c above this is "tumor" for the registration mask (concentration input)
+
+
+class InputError(ValueError):
+    """A bad calibrate input (one-line message naming the problem)."""
+
+
+# ---- the job ------------------------------------------------------------------------------
+@dataclass
+class CalibrateJob:
+    """Everything a calibration needs (job.json keys; ARCHITECTURE.md "The process boundary").
+
+    options: {"s1": SparseICOptions fields, "s3": MassEffectOptions fields,
+              "registration": {deformable, iterations, affine_iterations, sigma_field,
+              spacing_mm}}."""
+
+    command: str = "calibrate"
+    t1: str | None = None
+    tumor_labels: str | None = None
+    tumor_label_values: dict = field(default_factory=lambda: dict(DEFAULT_TUMOR_VALUES))
+    tumor_core: str | None = None
+    edema: str | None = None
+    tumor_concentration: str | None = None
+    tissue_labels: str | None = None
+    tissue_label_values: dict = field(default_factory=lambda: dict(DEFAULT_TISSUE_VALUES))
+    atlas_set: object = "bundled"  # "bundled" | folder | manifest | label map | list of label maps
+    atlases: list | None = None  # atlas names to use (in the set), bypassing the §6 choice
+    grid: int = 64
+    device: str = "auto"
+    precision: str = "float32"
+    n_atlases: int | None = None  # None: the §6 rule (4 … 8); K: exactly K (fewer if the set is smaller)
+    seed: int = 0
+    out: str | None = None
+    box_mm: float = 256.0
+    gamma0: float = 0.6
+    predict_times: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str | None = None) -> "CalibrateJob":
+        if not isinstance(d, dict):
+            raise InputError("job.json must hold a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"job.json: unknown key(s) {', '.join(unknown)}; known keys are "
+                             f"{', '.join(sorted(known))}")
+        job = cls(**d)
+        if base_dir:
+            job.resolve_paths(base_dir)
+        return job
+
+    @classmethod
+    def from_job_dir(cls, folder: str) -> "CalibrateJob":
+        path = os.path.join(folder, "job.json")
+        if not os.path.isdir(folder):
+            raise InputError(f"job folder not found: {folder}")
+        if not os.path.isfile(path):
+            raise InputError(f"no job.json in the job folder {folder}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path} is not valid JSON: {exc}") from None
+        job = cls.from_dict(d, folder)
+        if job.out is None:
+            job.out = os.path.join(folder, "out")
+        return job
+
+    def resolve_paths(self, base: str) -> None:
+        def res(p):
+            return p if p is None or os.path.isabs(p) else os.path.join(base, p)
+
+        for name in ("t1", "tumor_labels", "tumor_core", "edema", "tumor_concentration",
+                     "tissue_labels", "out"):
+            setattr(self, name, res(getattr(self, name)))
+        a = self.atlas_set
+        if isinstance(a, str) and a not in ("bundled", "default"):
+            self.atlas_set = res(a)
+        elif isinstance(a, list):
+            self.atlas_set = [res(p) for p in a]
+
+    def validate(self) -> None:
+        """Check types and combinations; raise InputError with one line."""
+        if self.command != "calibrate":
+            raise InputError(f"job.json: command must be 'calibrate', got {self.command!r}")
+        tumor = [k for k in ("tumor_labels", "tumor_core", "tumor_concentration") if getattr(self, k)]
+        if not tumor:
+            raise InputError("no tumor given: give a tumor label map (--tumor-seg), a core mask "
+                             "(--tumor-core [--edema]) or a tumor concentration")
+        if len(tumor) > 1:
+            raise InputError(f"give only one tumor input, got {', '.join(tumor)}")
+        if self.edema and not self.tumor_core:
+            raise InputError("--edema needs --tumor-core")
+        if not self.tissue_labels and not self.t1:
+            raise InputError("neither a tissue segmentation (--tissue-seg) nor a T1 (--t1) given: "
+                             "one is needed to place the patient's brain")
+        if not self.out:
+            raise InputError("no output folder given (--out DIR)")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 16 or self.grid % 2:
+            raise InputError(f"grid must be an even integer >= 16, got {self.grid!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise InputError(f"device must be auto, cpu or gpu, got {self.device!r}")
+        if self.precision not in ("float32", "float64"):
+            raise InputError(f"precision must be float32 or float64, got {self.precision!r}")
+        if self.n_atlases is not None and (isinstance(self.n_atlases, bool) or not isinstance(self.n_atlases, int)
+                                           or self.n_atlases < 1):
+            raise InputError(f"n_atlases must be a positive integer, got {self.n_atlases!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.box_mm, (int, float)) and self.box_mm > 0 and math.isfinite(self.box_mm)):
+            raise InputError(f"box_mm must be a positive length, got {self.box_mm!r}")
+        if not (isinstance(self.gamma0, (int, float)) and 0 <= self.gamma0 <= 1.5):
+            raise InputError(f"gamma0 must be in [0, 1.5], got {self.gamma0!r}")
+        if not isinstance(self.predict_times, list) or not all(
+                isinstance(t, (int, float)) and 1.0 < t <= 3.0 for t in self.predict_times):
+            raise InputError(f"predict_times must be a list of times in (1, 3], got {self.predict_times!r}")
+        for name, vals, keys in (("tumor_label_values", self.tumor_label_values, DEFAULT_TUMOR_VALUES),
+                                 ("tissue_label_values", self.tissue_label_values, DEFAULT_TISSUE_VALUES)):
+            if not isinstance(vals, dict) or set(vals) != set(keys) or not all(
+                    isinstance(v, int) and 0 < v < 256 for v in vals.values()):
+                raise InputError(f"{name} must map {', '.join(keys)} to label values 1..255, got {vals!r}")
+        allv = list(self.tumor_label_values.values()) + list(self.tissue_label_values.values())
+        if len(set(allv)) != len(allv):
+            raise InputError(f"tumor and tissue label values must all differ, got {allv}")
+        if not isinstance(self.options, dict) or set(self.options) - {"s1", "s3", "registration"}:
+            raise InputError("options must be an object with keys among s1, s3, registration; got "
+                             f"{sorted(self.options) if isinstance(self.options, dict) else self.options!r}")
+        self.s1_options()
+        self.s3_options()
+        self.registration_options()
+
+    def s1_options(self):
+        from .sparse_ic import SparseICOptions
+
+        d = dict(self.options.get("s1") or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(SparseICOptions)}
+        if unknown:
+            raise InputError(f"unknown S.1 option(s): {', '.join(sorted(unknown))}")
+        try:
+            o = SparseICOptions(**d)
+            o.check()
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"S.1 options: {exc}") from None
+        return o
+
+    def s3_options(self):
+        from .mass_effect_inversion import MassEffectOptions
+
+        try:
+            return MassEffectOptions.from_dict(self.options.get("s3"))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"S.3 options: {exc}") from None
+
+    def registration_options(self) -> dict:
+        d = {"deformable": "demons", "iterations": 60, "affine_iterations": 100, "sigma_field": 1.5,
+             "spacing_mm": None}
+        given = dict(self.options.get("registration") or {})
+        unknown = set(given) - set(d)
+        if unknown:
+            raise InputError(f"unknown registration option(s): {', '.join(sorted(unknown))}")
+        d.update(given)
+        if d["deformable"] not in ("demons", "bspline", "none"):
+            raise InputError(f"registration deformable must be demons, bspline or none, got {d['deformable']!r}")
+        return d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- reading the patient --------------------------------------------------------------------
+@dataclass
+class Patient:
+    reference: sitk.Image  # the patient grid (of the tumor input); outputs land here
+    core: np.ndarray | None  # tumor core indicator on the patient grid (float32 0/1)
+    edema: np.ndarray | None
+    concentration: np.ndarray | None
+    whole: np.ndarray  # bool: tumor (core ∪ edema, or c > 0.1)
+    tissue: sitk.Image | None  # canonical labels 0/5/6/7/8 (tumor voxels: as given)
+    t1: sitk.Image | None
+    tumor_source: str
+
+
+def _read_any_labels(path, values: dict, extra_allowed, what: str) -> np.ndarray:
+    img = io.read_image(path, what)
+    allowed = {0, *values.values(), *extra_allowed}
+    io.check_labels(img, allowed, f"{what} {path}")
+    return img
+
+
+def _same_grid_or_fail(img: sitk.Image, ref: sitk.Image, what: str, ref_what: str) -> None:
+    if not io.same_geometry(img, ref, tol=1e-4):
+        g, r = io.geometry_dict(img), io.geometry_dict(ref)
+        diff = [k for k in ("size", "spacing", "origin", "direction")
+                if not np.allclose(g[k], r[k], atol=1e-3 if k == "origin" else 1e-4)]
+        raise InputError(f"mismatched geometry: the {what} and the {ref_what} are not on one grid "
+                         f"(they differ in {', '.join(diff) or 'geometry'}); resample them onto one grid")
+
+
+def read_patient(job: CalibrateJob) -> Patient:
+    tv, sv = job.tumor_label_values, job.tissue_label_values
+    core = edema = conc = None
+    if job.tumor_labels:
+        ref = _read_any_labels(job.tumor_labels, tv, sv.values(), "tumor label map")
+        a = sitk.GetArrayFromImage(ref)
+        core = np.isin(a, [tv["necrotic"], tv["enhancing"]]).astype(np.float32)
+        edema = (a == tv["edema"]).astype(np.float32)
+        source = "BraTS labels"
+    elif job.tumor_core:
+        ref = io.read_image(job.tumor_core, "tumor core mask")
+        core = (sitk.GetArrayFromImage(ref) > 0.5).astype(np.float32)
+        if job.edema:
+            e = io.read_image(job.edema, "edema mask")
+            _same_grid_or_fail(e, ref, "edema mask", "tumor core mask")
+            edema = ((sitk.GetArrayFromImage(e) > 0.5) & (core < 0.5)).astype(np.float32)
+        source = "core/edema masks"
+    else:
+        ref = io.read_image(job.tumor_concentration, "tumor concentration")
+        conc = sitk.GetArrayFromImage(ref).astype(np.float32)
+        if conc.min() < -1e-3 or conc.max() > 1 + 1e-3:
+            raise InputError(f"tumor concentration must lie in [0, 1], got [{conc.min():.3g}, {conc.max():.3g}]")
+        conc = np.clip(conc, 0, 1)
+        source = "tumor concentration"
+    ref = sitk.Cast(ref, sitk.sitkFloat32) if ref.GetPixelID() != sitk.sitkFloat32 else ref
+    if conc is not None:
+        if conc.max() <= CONCENTRATION_MASK:
+            raise InputError(f"the tumor concentration is empty (max {conc.max():.3g} <= {CONCENTRATION_MASK})")
+        whole = conc > CONCENTRATION_MASK
+    else:
+        if not core.any():
+            raise InputError("the tumor is empty: no tumor-core (necrotic or enhancing) voxel in "
+                             f"{job.tumor_labels or job.tumor_core}")
+        whole = (core > 0.5) | (edema is not None and edema > 0.5)
+    tissue = t1 = None
+    if job.tissue_labels:
+        raw = _read_any_labels(job.tissue_labels, sv, tv.values(), "tissue label map")
+        _same_grid_or_fail(raw, ref, "tissue label map", "tumor input")
+        a = sitk.GetArrayFromImage(raw)
+        canon = np.zeros(a.shape, np.uint8)
+        for k, v in sv.items():
+            canon[a == v] = DEFAULT_TISSUE_VALUES[k]
+        if not np.isin(canon, [5, 6]).any():
+            raise InputError(f"the tissue label map {job.tissue_labels} has no gray or white matter")
+        if not (canon == 7).any():
+            raise InputError(f"the tissue label map {job.tissue_labels} has no ventricles "
+                             f"(label {sv['vt']}); the atlas choice and S.3 need them")
+        tissue = io.image_like(canon, raw)
+    if job.t1:
+        t1 = io.read_image(job.t1, "T1")
+        _same_grid_or_fail(t1, ref, "T1", "tumor input")
+        arr = sitk.GetArrayViewFromImage(t1)
+        if not arr.max() > arr.min():
+            raise InputError(f"the T1 {job.t1} is constant (no contrast)")
+        t1 = sitk.Cast(t1, sitk.sitkFloat32)
+    return Patient(ref, core, edema, conc, whole, tissue, t1, source)
+
+
+# ---- grids and warping ----------------------------------------------------------------------
+def iso_grid(ref: sitk.Image, spacing: float) -> sitk.Image:
+    """An empty float image with ref's direction covering ref's extent at isotropic spacing."""
+    sp = np.asarray(ref.GetSpacing(), float)
+    size = np.maximum(2, np.ceil(np.asarray(ref.GetSize()) * sp / spacing).astype(int))
+    D = np.asarray(ref.GetDirection(), float).reshape(3, 3)
+    origin = np.asarray(ref.GetOrigin(), float) + D @ ((spacing - sp) / 2.0)
+    img = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    img.SetSpacing([float(spacing)] * 3)
+    img.SetOrigin([float(v) for v in origin])
+    img.SetDirection(ref.GetDirection())
+    return img
+
+
+def resample_to(img: sitk.Image, ref: sitk.Image, kind: str = "linear") -> sitk.Image:
+    """img onto ref's grid (identity map); linear resampling is anti-aliased (Gaussian of
+    half the target voxel) when the target is more than 1.5× coarser."""
+    if kind == "label":
+        return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, img.GetPixelID())
+    src = sitk.Cast(img, sitk.sitkFloat32)
+    ratio = max(ref.GetSpacing()) / min(img.GetSpacing())
+    if ratio > 1.5:
+        src = sitk.SmoothingRecursiveGaussian(src, [0.5 * s for s in ref.GetSpacing()])
+    return sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def channel_images(labels: sitk.Image, ref: sitk.Image) -> dict:
+    """Registration channels {vt, gm, wm_csf} of a canonical label map, on ref's grid."""
+    from .registration import channels_from_labels
+
+    return {k: resample_to(v, ref) for k, v in channels_from_labels(labels).items()}
+
+
+def onehot(labels_arr, values, ref: sitk.Image) -> sitk.Image:
+    return io.image_like(np.isin(labels_arr, list(values)).astype(np.float32), ref)
+
+
+def warp_fraction_to_box(img: sitk.Image, reg, geom: BoxGeometry, m: int) -> np.ndarray:
+    """A patient-space fraction image → the atlas box (warp through reg.forward onto an
+    m-times finer box, then the mean over each voxel's m³ sub-voxels)."""
+    from .registration import warp_to_atlas
+
+    fine = geom.refined(m) if m > 1 else geom
+    w = warp_to_atlas(sitk.Cast(img, sitk.sitkFloat32), reg, fine.reference_image())
+    a = sitk.GetArrayFromImage(w).astype(np.float64)
+    n = geom.n
+    if m > 1:
+        a = a.reshape(n, m, n, m, n, m).mean(axis=(1, 3, 5))
+    return a.astype(np.float32)
+
+
+def supersample_factor(geom: BoxGeometry, spacing: float) -> int:
+    return int(min(4, max(1, math.ceil(geom.spacing / spacing - 1e-9))))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+class CalibrateOutputs(OutputSet):
+    """OutputSet that also removes the sub-folders (and the output folder) it created when
+    a run is rolled back, so a cancelled run leaves nothing behind."""
+
+    def __init__(self, folder):
+        existed = os.path.isdir(folder)
+        super().__init__(folder)
+        self.created_dirs = [] if existed else [self.folder]
+
+    def subfolder(self, name: str) -> str:
+        path = os.path.join(self.folder, name)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            self.created_dirs.append(path)
+        return path
+
+    def rollback(self) -> None:
+        super().rollback()
+        for d in sorted(self.created_dirs, key=len, reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+class _Progress:
+    """Maps stage-local progress onto one monotone overall fraction."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.last = 0.0
+
+    def __call__(self, stage, lo, hi, local, message, **extra):
+        f = lo + (hi - lo) * min(max(float(local or 0.0), 0.0), 1.0)
+        self.last = f = max(self.last, f)
+        if self.progress is not None:
+            self.progress({"stage": stage, "fraction": round(f, 4),
+                           "stage_fraction": round(min(max(float(local or 0.0), 0.0), 1.0), 4),
+                           "message": message, **extra})
+
+    def sub(self, stage, lo, hi, **fixed):
+        """A callback for a solver that reports dicts with its own 'fraction'."""
+        def cb(d):
+            d = dict(d)
+            local = d.pop("fraction", 0.0)
+            msg = d.pop("message", "")
+            d.pop("stage", None)
+            d.update(fixed)
+            self(stage, lo, hi, local, msg, **{k: v for k, v in d.items() if _small(v)})
+        return cb
+
+
+def _small(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def _versions(backend) -> dict:
+    from .simulate import _versions as v
+
+    return v(backend)
+
+
+def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, cancel=None) -> dict:
+    """Run the pipeline, write every output through `outputs` (report.json last) and
+    return the report. progress(dict) receives {stage, fraction (overall, monotone),
+    stage_fraction, message, ...}; cancel() is polled (progress.Cancelled)."""
+    from .atlases import AtlasError, load_atlas_set, select_atlases, ventricle_volume_ml
+    from .spectral import SpectralOps
+
+    job.validate()
+    P = _Progress(progress)
+    timings: dict = {}
+    t_all = time.perf_counter()
+    P("setup", 0.0, 0.03, 0.0, "reading the inputs")
+    patient = read_patient(job)
+    try:
+        aset = load_atlas_set(job.atlas_set)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    except AtlasError as exc:
+        raise InputError(str(exc)) from None
+    backend = get_backend(job.device, job.precision)
+    ops = SpectralOps(job.grid, backend)
+    reg_opt = job.registration_options()
+    s1_opt, s3_opt = job.s1_options(), job.s3_options()
+    check_cancel(cancel)
+
+    # ---- patient tissue ------------------------------------------------------------------
+    registrations: dict = {}
+    t0 = time.perf_counter()
+    tissue_source = "tissue label map"
+    notes: list[str] = []
+    box_spacing = job.box_mm / job.grid
+    if patient.tissue is None:
+        tissue_img, chosen, registrations, derived_from = _derive_tissue(
+            job, patient, aset, reg_opt, box_spacing, P, cancel)
+        tissue_source = f"derived from the best-registered atlas '{derived_from}' (no tissue segmentation given)"
+        notes.append(f"patient tissue {tissue_source}")
+    else:
+        tissue_img = patient.tissue
+        chosen = None
+    tissue_arr = sitk.GetArrayFromImage(tissue_img)
+    vt_ml = ventricle_volume_ml(tissue_img)
+    if not vt_ml > 0:
+        raise InputError("the patient has no ventricles (label 7) in its tissue map")
+    if chosen is None:
+        chosen = _choose_atlases(job, aset, vt_ml, select_atlases)
+    timings["tissue_s"] = time.perf_counter() - t0
+
+    # ---- S.1 on the patient's box --------------------------------------------------------
+    t0 = time.perf_counter()
+    ref = patient.reference
+    tissue_on_ref = tissue_img if io.same_geometry(tissue_img, ref) else \
+        sitk.Resample(tissue_img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    brain = np.isin(sitk.GetArrayViewFromImage(tissue_on_ref), [5, 6, 7, 8]) | patient.whole
+    try:
+        geom_p = box_for_image(ref, job.grid, job.box_mm, mask=brain)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    s1_labels = tissue_arr.copy()
+    whole_t = _on_grid(patient.whole.astype(np.float32), ref, tissue_img) > 0.5
+    s1_labels[whole_t] = 6  # tumor counted as white matter (S.1)
+    s1_img = io.image_like(s1_labels, tissue_img)
+    from .simulate import box_tissues
+
+    T_p = box_tissues(geom_p, s1_img, ops)
+    d_p, O_p, core_p, edema_p = _box_data(ops, geom_p, patient)
+    P("S.1", *STAGE_SPAN["S.1"], 0.0, f"S.1: sparse initial condition on the {job.grid}^3 patient box")
+    from .sparse_ic import solve_sparse_ic
+
+    s1 = solve_sparse_ic(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
+                         progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
+    c0_p = s1.c0
+    timings["S.1_s"] = time.perf_counter() - t0
+    check_cancel(cancel)
+    centres = np.asarray(s1.centres, float)
+    s1_report = {
+        "kappa": float(s1.kappa), "rho": float(s1.rho), "objective": float(s1.fun),
+        "misfit": float(s1.misfit), "relative_error": float(s1.relative_error),
+        "status": int(s1.status), "success": bool(s1.success), "message": str(s1.message),
+        "nit": int(s1.nit), "nfev": int(s1.nfev), "support": int(len(s1.support)),
+        "components": int(s1.components),
+        "centres_domain": centres.tolist(), "weights": [float(v) for v in np.asarray(s1.p)],
+        "centres_lps_mm": [geom_p.domain_to_physical(c).tolist() for c in centres],
+        "seconds": timings["S.1_s"],
+    }
+
+    # ---- S.2 + S.3 per atlas -------------------------------------------------------------
+    lo, hi = STAGE_SPAN["atlases"]
+    n_at = len(chosen)
+    entries: list[dict] = []
+    acc_kept, acc_all = aggregate.VolumeAverage(), aggregate.VolumeAverage()
+    c0_img_p = geom_p.image(to_numpy(c0_p).astype(np.float32))
+    pred_times = sorted(float(t) for t in job.predict_times)
+    out = outputs.folder
+    files: dict = {}
+    for i, (atlas, why) in enumerate(chosen):
+        a_lo, a_hi = lo + (hi - lo) * i / n_at, lo + (hi - lo) * (i + 1) / n_at
+        entry = {"name": atlas.name, "index": i + 1, "chosen_because": why,
+                 "ventricle_ml": atlas.ventricle_ml, "failed": False}
+        t_a = time.perf_counter()
+        try:
+            vols = _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_opt, s3_opt,
+                              registrations.get(atlas.name), box_spacing, pred_times, entry,
+                              P, a_lo, a_hi, cancel)
+        except aggregate.AllAtlasesFailed:
+            raise
+        except ValueError as exc:  # a failed atlas is dropped, not the run
+            vols = None
+            entry.update(failed=True, error=" ".join(str(exc).split()))
+        except RuntimeError as exc:
+            vols = None
+            entry.update(failed=True, error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        entry["seconds"] = time.perf_counter() - t_a
+        entry["dropped"] = aggregate.drop_reason(entry)
+        check_cancel(cancel)
+        if vols is not None:
+            sub = outputs.subfolder(f"atlas_{_slug(atlas.name)}")
+            written = {}
+            for name, arr in (("predicted_tumor.nrrd", vols["predicted_tumor"]),
+                              ("displacement_norm.nrrd", vols["displacement_norm"])):
+                img = io.image_like(arr.astype(np.float32), ref)
+                written[name] = outputs.write(os.path.join(sub, name), lambda tmp, im=img: io.write_image(im, tmp))
+            vimg = io.image_like(np.moveaxis(vols["displacement"], 0, -1).astype(np.float32), ref, is_vector=True)
+            written["displacement.nrrd"] = outputs.write(os.path.join(sub, "displacement.nrrd"),
+                                                         lambda tmp: io.write_image(vimg, tmp))
+            entry["outputs"] = written
+            outputs.write_json(os.path.join(sub, "result.json"), entry)
+            acc_all.add(vols)
+            if not entry["dropped"]:
+                acc_kept.add(vols)
+        entries.append(entry)
+        P("S.3", a_lo, a_hi, 1.0, f"atlas {atlas.name}: " + (
+            f"dropped ({entry['dropped']})" if entry["dropped"] else "kept"), atlas=i + 1)
+    timings["atlases_s"] = sum(e["seconds"] for e in entries)
+
+    # ---- aggregate -----------------------------------------------------------------------
+    t0 = time.perf_counter()
+    summary = aggregate.summarise(entries)
+    acc = acc_kept if acc_kept.n else acc_all
+    P("output", *STAGE_SPAN["output"], 0.0, f"averaging {acc.n} atlas(es) in patient space")
+
+    def put(name, arr, vector=False):
+        check_cancel(cancel)
+        a = np.moveaxis(arr, 0, -1) if vector else arr
+        img = io.image_like(a.astype(np.float32), ref, is_vector=vector)
+        files[name] = outputs.write(os.path.join(out, name), lambda tmp: io.write_image(img, tmp))
+
+    put("predicted_tumor.nrrd", np.clip(acc.mean("predicted_tumor"), 0, 1))
+    put("displacement_norm.nrrd", acc.mean("displacement_norm"))
+    put("displacement_norm_std.nrrd", acc.std("displacement_norm"))
+    put("displacement.nrrd", acc.mean("displacement"), vector=True)
+    c0_ref = sitk.GetArrayFromImage(sitk.Clamp(geom_p.from_box(to_numpy(c0_p).astype(np.float32), ref, "linear"),
+                                               sitk.sitkFloat32, 0.0, 1.0))
+    put("initial_condition.nrrd", c0_ref)
+    for t in pred_times:
+        put(f"predicted_tumor_t{t:g}.nrrd", np.clip(acc.mean(f"c_t{t:g}"), 0, 1))
+    if tissue_source != "tissue label map":
+        files["patient_tissue_labels.nrrd"] = outputs.write(
+            os.path.join(out, "patient_tissue_labels.nrrd"), lambda tmp: io.write_image(tissue_img, tmp))
+    timings["output_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+
+    report = {
+        "command": "calibrate",
+        "inputs": {"tumor": job.tumor_labels or job.tumor_core or job.tumor_concentration,
+                   "tumor_source": patient.tumor_source, "edema": job.edema, "t1": job.t1,
+                   "tissue_labels": job.tissue_labels, "atlas_set": job.atlas_set,
+                   "patient_geometry": io.geometry_dict(ref)},
+        "options": job.to_dict(),
+        "effective_options": {"s1": dataclasses.asdict(s1_opt), "s3": dataclasses.asdict(s3_opt),
+                              "registration": reg_opt},
+        "patient_tissue_source": tissue_source,
+        "patient_ventricle_ml": vt_ml,
+        "box": geom_p.to_dict(),
+        "s1": s1_report,
+        "atlases": entries,
+        "mean": summary.mean,
+        "std": summary.std,
+        "summary": {"mean": summary.mean, "std": summary.std, "atlases_used": summary.kept,
+                    "basis": summary.basis, "n_atlases": len(entries),
+                    "n_dropped": sum(1 for e in entries if e["dropped"])},
+        "dropped": {e["name"]: e["dropped"] for e in entries if e["dropped"]},
+        "units": {"kappa, rho, gamma": "paper (non-dimensional; box edge 2π = box_mm)",
+                  "max_u_mm": "mm", "displacement": "LPS mm on the patient grid; deformed(x) ≈ healthy(x − u(x))"},
+        "notes": notes,
+        "timings": timings,
+        "device": {"name": backend.name, "device": backend.device_name, "requested": job.device},
+        "versions": _versions(backend),
+        "outputs": {k: str(v) for k, v in files.items()},
+    }
+    check_cancel(cancel)
+    outputs.write_json(os.path.join(out, "report.json"), report)
+    P("done", 0.0, 1.0, 1.0, "finished")
+    return report
+
+
+def _on_grid(arr: np.ndarray, src: sitk.Image, dst: sitk.Image) -> np.ndarray:
+    if io.same_geometry(src, dst):
+        return arr
+    img = io.image_like(arr, src)
+    return sitk.GetArrayFromImage(sitk.Resample(img, dst, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def _box_data(ops, geom: BoxGeometry, patient: Patient):
+    """d, O and the core / edema fractions in the patient box (MODEL §5)."""
+    from .observation import observation_operator, tumor_data
+
+    ref = patient.reference
+    xp = ops.xp
+    if patient.concentration is not None:
+        c = geom.to_box(io.image_like(patient.concentration, ref), "fraction", dtype=np.dtype(ops.dtype))
+        d = xp.asarray(np.clip(c, 0, 1), dtype=ops.dtype)
+        return d, None, None, None
+    core = geom.to_box(io.image_like(patient.core, ref), "fraction", dtype=np.dtype(ops.dtype))
+    if not (core > 0.5).any():
+        raise InputError("the tumor core is smaller than half a box voxel at this grid: nothing to "
+                         "calibrate; use a finer --grid")
+    edema = None
+    if patient.edema is not None:
+        edema = geom.to_box(io.image_like(patient.edema, ref), "fraction", dtype=np.dtype(ops.dtype))
+    d = tumor_data(ops, xp.asarray(core))
+    O = observation_operator(ops, xp.asarray(core), None if edema is None else xp.asarray(edema))
+    return d, O, core, edema
+
+
+def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False):
+    atlases = [a for a in aset if a.t1_path is not None] if only_with_t1 else list(aset)
+    if not atlases:
+        raise InputError("no atlas of the set has a T1 image, which a T1-only patient needs")
+    if job.atlases:
+        names = {a.name: a for a in atlases}
+        missing = [n for n in job.atlases if n not in names]
+        if missing:
+            raise InputError(f"atlas(es) {', '.join(missing)} not in the atlas set (have {', '.join(names)})")
+        return [(names[n], "named in the job") for n in job.atlases]
+    k = job.n_atlases
+    sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4)
+    return [(c.atlas, c.reason) for c in sel.choices]
+
+
+def _registration_spacing(reg_opt, atlas_img, box_spacing) -> float:
+    if reg_opt.get("spacing_mm"):
+        return float(reg_opt["spacing_mm"])
+    return max(min(atlas_img.GetSpacing()), box_spacing / 2.0)
+
+
+def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, cancel, use_t1: bool):
+    """S.2 for one atlas on isotropic registration grids (see the module docstring)."""
+    from .registration import register_patient_to_atlas, register_t1
+
+    atlas_labels = atlas.read_labels()
+    s = _registration_spacing(reg_opt, atlas_labels, box_spacing)
+    a_grid = iso_grid(atlas_labels, s)
+    tumor_mask = io.image_like(patient.whole.astype(np.float32), patient.reference)
+    kw = dict(deformable=reg_opt["deformable"], iterations=int(reg_opt["iterations"]),
+              affine_iterations=int(reg_opt["affine_iterations"]), sigma_field=float(reg_opt["sigma_field"]),
+              progress=progress, cancel=cancel)
+    if use_t1:
+        at1 = atlas.read_t1()
+        p_grid = iso_grid(patient.t1, max(s, min(patient.t1.GetSpacing())))
+        return register_t1(resample_to(patient.t1, p_grid), resample_to(at1, a_grid), tumor_mask, **kw)
+    p_grid = iso_grid(tissue_img, max(s, min(tissue_img.GetSpacing())))
+    return register_patient_to_atlas(channel_images(tissue_img, p_grid), channel_images(atlas_labels, a_grid),
+                                     tumor_mask, **kw)
+
+
+def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
+    """T1-only patient: register to a first atlas (provisional tissue → ventricle volume →
+    §6 choice), then to the chosen atlases; the best-registered atlas's labels, warped to
+    the patient (nearest neighbour), are the patient tissue."""
+    from .atlases import select_atlases, ventricle_volume_ml
+    from .registration import best_registered, warp_to_patient
+
+    with_t1 = [a for a in aset if a.t1_path is not None]
+    if not with_t1:
+        raise InputError("no tissue segmentation given and no atlas of the set has a T1 to register the "
+                         "patient's T1 to")
+    lo, hi = STAGE_SPAN["setup"][1], STAGE_SPAN["S.1"][0] + 0.05
+    t_grid = iso_grid(patient.t1, max(min(patient.t1.GetSpacing()), min(with_t1[0].voxel_mm)))
+
+    def derive(atlas, reg):
+        lab = warp_to_patient(atlas.read_labels(), reg, t_grid, interpolator=sitk.sitkNearestNeighbor)
+        return sitk.Cast(lab, sitk.sitkUInt8)
+
+    regs = {}
+    first = with_t1[0]
+    regs[first.name] = _register(job, patient, first, None, reg_opt, box_spacing,
+                                 P.sub("S.2", lo, lo + 0.3 * (hi - lo), atlas=first.name), cancel, True)
+    provisional = derive(first, regs[first.name])
+    vt_ml = ventricle_volume_ml(provisional)
+    if not vt_ml > 0:
+        raise InputError("the T1 could not be registered to an atlas (no ventricles after warping)")
+    chosen = _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=True)
+    todo = [a for a, _ in chosen if a.name not in regs]
+    for j, a in enumerate(todo):
+        f0 = lo + (0.3 + 0.7 * j / len(todo)) * (hi - lo)
+        f1 = lo + (0.3 + 0.7 * (j + 1) / len(todo)) * (hi - lo)
+        regs[a.name] = _register(job, patient, a, None, reg_opt, box_spacing, P.sub("S.2", f0, f1, atlas=a.name),
+                                 cancel, True)
+    names = [a.name for a, _ in chosen]
+    best = names[best_registered([regs[n] for n in names])]
+    tissue = derive(aset[best], regs[best])
+    return tissue, chosen, {n: regs[n] for n in names}, best
+
+
+def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_opt, s3_opt, reg,
+               box_spacing, pred_times, entry, P, a_lo, a_hi, cancel) -> dict:
+    """S.2 (unless done) and S.3 on one atlas; fills entry; returns patient-space volumes."""
+    from .forward import ForwardParams, run_forward
+    from .mass_effect_inversion import invert_mass_effect
+    from .observation import observation_operator, tumor_data
+    from .registration import warp_to_atlas, warp_to_patient
+    from .simulate import box_tissues
+
+    span = a_hi - a_lo
+    r_hi = a_lo + 0.15 * span
+    if reg is None:
+        reg = _register(job, patient, atlas, tissue_img, reg_opt, box_spacing,
+                        P.sub("S.2", a_lo, r_hi, atlas=entry["index"], atlas_name=atlas.name), cancel,
+                        use_t1=False)
+    check_cancel(cancel)
+    entry["registration"] = {"method": reg.method, "quality": reg.quality, "metric": reg.metric,
+                             "inverse_error_mm": reg.inverse_error_mm, "timings": reg.timings, "notes": reg.notes}
+    atlas_labels = atlas.read_labels()
+    try:
+        geom_a = box_for_image(atlas_labels, job.grid, job.box_mm)
+    except ValueError as exc:
+        raise ValueError(f"atlas {atlas.name}: {exc}") from None
+    xp, dt = ops.xp, ops.dtype
+    T_a = box_tissues(geom_a, atlas_labels, ops)
+    ref = patient.reference
+    m = supersample_factor(geom_a, min(ref.GetSpacing()))
+    # c0: the patient-box c0 through the registration, max 1 (§6 S.3)
+    c0_a = sitk.GetArrayFromImage(warp_to_atlas(c0_img_p, reg, geom_a.reference_image())).astype(np.float64)
+    c0_a = np.clip(c0_a, 0, None)
+    if not c0_a.max() > 1e-3:
+        raise ValueError(f"atlas {atlas.name}: the initial condition falls outside the atlas after registration")
+    c0_a = xp.asarray(c0_a / c0_a.max(), dtype=dt)
+    if patient.concentration is not None:
+        d_a = xp.asarray(np.clip(warp_fraction_to_box(io.image_like(patient.concentration, ref), reg, geom_a, m),
+                                 0, 1), dtype=dt)
+        O_a = None
+    else:
+        core = xp.asarray(warp_fraction_to_box(io.image_like(patient.core, ref), reg, geom_a, m))
+        if not bool((core > 0.5).any()):
+            raise ValueError(f"atlas {atlas.name}: the tumor core vanishes after registration")
+        edema = None if patient.edema is None else \
+            xp.asarray(warp_fraction_to_box(io.image_like(patient.edema, ref), reg, geom_a, m))
+        d_a = tumor_data(ops, core)
+        O_a = observation_operator(ops, core, edema)
+    tarr = sitk.GetArrayFromImage(tissue_img)
+    m_t = supersample_factor(geom_a, min(tissue_img.GetSpacing()))
+    vt_a = warp_fraction_to_box(onehot(tarr, [7], tissue_img), reg, geom_a, m_t)
+    vt_a = ops.smooth(xp.asarray(vt_a, dtype=dt))
+    check_cancel(cancel)
+    initial = {"gamma": job.gamma0, "rho": float(s1.rho), "kappa": float(s1.kappa)}
+    entry["initial"] = initial
+
+    def s3_progress(d):
+        d = dict(d)
+        d["atlas_name"] = atlas.name
+        d["atlas"] = entry["index"]
+        P.sub("S.3", r_hi, a_lo + 0.9 * span)(d)
+
+    res = invert_mass_effect(ops, T_a, c0_a, d_a, O_a, vt_a, initial=initial, options=s3_opt,
+                             progress=s3_progress, cancel=cancel, atlas=entry["index"])
+    mm = geom_a.domain_unit_mm
+    summ = res.summary()
+    entry.update({
+        "kappa": res.kappa, "rho": res.rho, "gamma": res.gamma,
+        "parameters": {"kappa": res.kappa, "rho": res.rho, "gamma": res.gamma},
+        "max_u_mm": res.max_u * mm, "max_u_domain": res.max_u, "max_u_voxels_256": res.max_u * 256 / (2 * math.pi),
+        "misfit": res.fun, "misfit_tumor": res.misfit_tumor, "misfit_vt": res.misfit_vt,
+        "relative_tumor_error": res.relative_tumor_error, "hessian_condition": res.hessian_condition,
+        "nit": res.nit, "nfev": res.nfev, "n_forward": res.n_forward, "status": res.status,
+        "message": res.message, "success": res.success, "cfl_flagged": res.cfl_flagged,
+        "gradient_norm": summ["gradient_norm"], "gradient_norm_initial": summ["gradient_norm_initial"],
+        "s3_seconds": res.seconds, "history": summ["history"], "box": geom_a.to_dict(),
+    })
+    P("S.3", a_lo, a_hi, 0.9, f"atlas {atlas.name}: mapping results to the patient", atlas=entry["index"])
+    fwd = res.forward
+    c1 = to_numpy(fwd.c).astype(np.float32)
+    u = to_numpy(fwd.u).astype(np.float64)
+    vols = _to_patient(geom_a, reg, ref, c1, u)
+    if pred_times:
+        o = s3_opt
+        nt = int(math.ceil(max(pred_times) / o.dt - 1e-9)) - 1
+        params = ForwardParams(kappa=res.kappa, rho=res.rho, gamma=res.gamma, nt=nt, dt=o.dt, r_k=o.r_k,
+                               r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
+        later = run_forward(ops, T_a, c0_a, params, cancel=cancel, snapshot_times=pred_times, on_cfl="flag")
+        for t in pred_times:
+            snap = later.snapshots.get(t) or min(later.snapshots.values(), key=lambda s: abs(s.t - t))
+            img = geom_a.image(to_numpy(snap.c).astype(np.float32))
+            vols[f"c_t{t:g}"] = sitk.GetArrayFromImage(warp_to_patient(img, reg, ref))
+    return vols
+
+
+def _to_patient(geom_a: BoxGeometry, reg, ref: sitk.Image, c1, u) -> dict:
+    """Atlas-box c(1), |u| (mm) and u (LPS mm) → the patient grid through reg.inverse."""
+    from .registration import warp_to_patient
+
+    u_mm = geom_a.displacement_to_mm(u)
+    unorm = np.sqrt((u_mm ** 2).sum(0)).astype(np.float32)
+    c1_p = warp_to_patient(geom_a.image(c1), reg, ref)
+    un_p = warp_to_patient(geom_a.image(unorm), reg, ref)
+    vec = sitk.Compose([geom_a.image(u_mm[p].astype(np.float32)) for p in range(3)])
+    vec_p = warp_to_patient(sitk.Cast(vec, sitk.sitkVectorFloat32), reg, ref)
+    return {"predicted_tumor": sitk.GetArrayFromImage(c1_p),
+            "displacement_norm": np.maximum(sitk.GetArrayFromImage(un_p), 0),
+            "displacement": np.moveaxis(sitk.GetArrayFromImage(vec_p), -1, 0)}
