@@ -7,24 +7,16 @@ Forward (no advection, nt = 40, dt = 1/40), per step, Strang splitting:
 with D c = ∇·(k ∇c), k = κ·m_k, ρ(x) = ρ·m_ρ (§3 coefficients from the tissue fractions,
 tumor and edema counted as white matter; `coefficient_fraction`).
 
-Adjoint (exact for this discretisation, the solves taken as exact): D is symmetric in the
-plain voxel inner product (spectral ∇ and ∇· are negative adjoints, Nyquist zeroed), so
-Sᵀ = (I + a D)(I − a D)⁻¹ and, for λ⁺ the adjoint after a half step,
-    z = (I − a D)⁻¹ λ⁺,   λ = z + a D z,
-    ∂/∂κ:  c⁺ = A⁻¹B c with A = I − aκD₁, B = I + aκD₁, D₁ = ∇·(m_k∇·)
-           ⇒ ⟨λ⁺, ∂c⁺/∂κ⟩ = a ⟨z, D₁(c + c⁺)⟩ = a ⟨D₁z, c + c⁺⟩.
-Logistic: λ_a = λ_b · e/(c_a e + 1 − c_a)²,
-          ⟨λ_b, ∂c_b/∂ρ⟩ = Σ λ_b · c_a(1 − c_a) e m_ρ dt / (c_a e + 1 − c_a)².
-These are the derivatives of the discrete Strang steps themselves, not the reference's
-trapezoid-in-time approximation, so every component passes a Taylor test (Testing/).
-
-Exactness needs tight PCG solves (`rtol`; the map is only as linear as its solves are
-converged: use 1e-10..1e-12 in float64 when Taylor-testing, 1e-6 is the §3 default).
-
-Memory: `forward(store=True)` keeps c_n, c_a, c_b for every step, 3·nt + 1 fields
-(nt = 40: 121 fields, 254 MB at 64³ float64, 7.8 GB at 256³ float32).  `store="steps"` keeps only the nt + 1 full-step
-states (2.6 GB at 256³ float32) and recomputes c_a, c_b from c_n in the backward sweep
-(one extra CN solve per step; same inputs and warm start, so the same numbers).
+Positivity safeguard: the spectral CN step is not positivity preserving (k = κ·m_k jumps to
+0 at grey matter / CSF / skull, and Gibbs ringing leaves small negative c, ~1e-3 even for a
+smooth Gaussian), and the exact logistic amplifies a negative value by e^{ρ(x)dt} per step
+and diverges in finite time (c_b = c e/(1 + c(e − 1)) has a pole at c = −1/(e − 1)): on the
+reference patient data at 32³ an undershoot of −5e-3 became |c| ~ 1e2 at ρ = 12, and every
+S.1 evaluation at ρ ≥ 10 was garbage.  The growth factor is therefore e → ē = 1 + (e − 1)·s(c)
+with s a C¹ smooth step, s = 1 for c ≥ −τ and 0 for c ≤ −2τ (τ = `negative_cutoff`,
+default 5e-3; 0 turns the switch off).  Nothing changes where c ≥ −τ, so the physical
+range is untouched; clearly negative values no longer grow and diffuse away.  The map
+stays C¹ and its adjoint below is exact for it.
 """
 from __future__ import annotations
 
@@ -33,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .diffusion import CrankNicolson, apply_diffusion
-from .reaction import logistic_step, logistic_step_derivative
 from .spectral import SpectralOps
 
 NT_DEFAULT = 40
+NEGATIVE_CUTOFF = 5e-3  # τ: reaction fully on for c ≥ −τ, off for c ≤ −2τ
 
 
 def coefficient_fraction(wm, gm, vt, csf, gm_ratio: float = 0.0, xp=np):
@@ -77,7 +69,7 @@ class ReactionDiffusion:
     """
 
     def __init__(self, ops: SpectralOps, m_k, m_rho=None, nt: int = NT_DEFAULT, rtol: float = 1e-6,
-                 maxiter: int = 500):
+                 maxiter: int = 500, negative_cutoff: float = NEGATIVE_CUTOFF):
         if nt < 1:
             raise ValueError(f"nt must be ≥ 1, got {nt}")
         n = ops.n
@@ -91,6 +83,7 @@ class ReactionDiffusion:
         self.nt = int(nt)
         self.dt = 1.0 / self.nt
         self.rtol, self.maxiter = rtol, maxiter
+        self.negative_cutoff = float(negative_cutoff)
 
     # ---- pieces -----------------------------------------------------------------
     def _cn(self, kappa: float) -> CrankNicolson:
@@ -102,22 +95,34 @@ class ReactionDiffusion:
     def _growth(self, rho: float):
         return self.xp.exp((rho * self.dt) * self.m_rho)
 
-    def _logistic(self, c, rho_field):
-        return logistic_step(self.xp, c, rho_field, self.dt)
+    def _switch(self, c):
+        """(s, s'): smooth step, s = 1 for c ≥ −τ, 0 for c ≤ −2τ (C¹ cubic between)."""
+        xp, tau = self.xp, self.negative_cutoff
+        if not tau:
+            return None, None
+        t = xp.clip((c + 2.0 * tau) / tau, 0.0, 1.0)
+        return t * t * (3.0 - 2.0 * t), (6.0 / tau) * t * (1.0 - t)
+
+    def _logistic(self, c, e):
+        """Exact logistic over dt with growth factor e^{ρ(x)dt} → 1 + (e − 1)·s(c)."""
+        s, _ = self._switch(c)
+        ee = e if s is None else 1.0 + (e - 1.0) * s
+        ce = c * ee
+        return ce / (ce + 1.0 - c)
 
     # ---- forward ------------------------------------------------------------------
     def forward(self, c0, kappa: float, rho: float, store: bool | str = False):
         """c(1) from c0; with store=True/"all" or "steps" returns a Trajectory instead."""
         xp = self.xp
         cn = self._cn(kappa)
-        rho_field = (self.ops.dtype.type(rho) * self.m_rho)
+        e = self._growth(rho)
         c = xp.asarray(c0, dtype=self.ops.dtype)
         traj = Trajectory(float(kappa), float(rho), [c]) if store else None
         its = 0
         for _ in range(self.nt):
             ca = cn.step(c)
             its += cn.last_info.iterations
-            cb = self._logistic(ca, rho_field)
+            cb = self._logistic(ca, e)
             c = cn.step(cb)
             its += cn.last_info.iterations
             if traj is not None:
@@ -140,7 +145,6 @@ class ReactionDiffusion:
         xp = self.xp
         kappa, rho = traj.kappa, traj.rho
         cn = self._cn(kappa)
-        rho_field = self.ops.dtype.type(rho) * self.m_rho
         e = self._growth(rho)
         a = 0.25 * self.dt  # CN over dt/2: (I ∓ (dt/2)/2 · D)
         lam = xp.asarray(lam1, dtype=self.ops.dtype)
@@ -151,7 +155,7 @@ class ReactionDiffusion:
             c_n, c_next = traj.c[n], traj.c[n + 1]
             if recompute:
                 ca = cn.step(c_n)
-                cb = self._logistic(ca, rho_field)
+                cb = self._logistic(ca, e)
             else:
                 ca, cb = traj.ca[n], traj.cb[n]
             # second CN half step: cb → c_next
@@ -161,10 +165,19 @@ class ReactionDiffusion:
                 g_kappa += a * _vdot(xp, y, cb + c_next)
             lam = z + (a * kappa) * y
             # logistic: ca → cb
-            denom = ca * e + 1.0 - ca
+            # c_b = c·ē/(c·ē + 1 − c), ē = 1 + (e − 1)s(c):  ∂c_b/∂c = (ē + c(1 − c)ē′)/D²,
+            # ∂c_b/∂ρ = c(1 − c)/D² · s·e·m_ρ·dt
+            sw, dsw = self._switch(ca)
+            if sw is None:
+                ee, dee = e, 0.0
+            else:
+                ee, dee = 1.0 + (e - 1.0) * sw, (e - 1.0) * dsw
+            denom = ca * ee + 1.0 - ca
+            q = ca * (1.0 - ca) / denom**2
             if need_params:
-                g_rho += self.dt * _vdot(xp, lam, ca * (1.0 - ca) * e * self.m_rho / denom**2)
-            lam = lam * logistic_step_derivative(xp, ca, rho_field, self.dt)
+                de = e * self.m_rho if sw is None else e * self.m_rho * sw
+                g_rho += self.dt * _vdot(xp, lam, q * de)
+            lam = lam * (ee / denom**2 + q * dee)
             # first CN half step: c_n → ca
             z = cn.solve(lam, x0=lam)
             y = apply_diffusion(self.ops, self.m_k, z)

@@ -116,3 +116,37 @@ def test_coefficient_fraction_and_validation():
     rd = ReactionDiffusion(ops, np.ones((16,) * 3))
     with pytest.raises(ValueError, match="kappa"):
         rd.forward(np.zeros((16,) * 3), 0.0, 1.0)
+
+
+def test_negative_values_do_not_blow_up_and_switch_is_differentiated_exactly():
+    """Positivity safeguard (reaction off where c ≤ −2τ, C¹ switch on [−2τ, −τ]).
+
+    Without it a negative undershoot grows by e^{ρdt} per step and the exact logistic hits
+    its pole; with it c stays bounded.  The Taylor test puts c0 values inside the switch
+    band (τ = 0.05, c0 down to −0.08), so the switch's own derivative is exercised.
+    """
+    ops, _, c0, d = _setup(n=16, nt=4)
+    x, y, z = ops.coordinates()
+    wm = np.broadcast_to(0.5 + 0.4 * np.sin(x) * np.sin(2 * y) * np.cos(z), (16,) * 3).copy()
+    dip = np.exp(-((x - 5.2) ** 2 + (y - 1.2) ** 2 + (z - 4.8) ** 2) / (2 * (2 * ops.h) ** 2))
+    c0 = c0 - 0.08 * dip
+    # blow-up without the switch, bounded with it (a strong undershoot, large ρ)
+    wild = c0 - 0.5 * dip
+    off = ReactionDiffusion(ops, wm, nt=4, rtol=1e-13, negative_cutoff=0.0).forward(wild, 1e-3, 18.0)
+    on = ReactionDiffusion(ops, wm, nt=4, rtol=1e-13).forward(wild, 1e-3, 18.0)
+    assert not np.all(np.isfinite(off)) or np.abs(off).max() > 10
+    assert np.all(np.isfinite(on)) and on.min() > -0.6 and on.max() < 1.1
+    rd = ReactionDiffusion(ops, wm, nt=4, rtol=1e-13, negative_cutoff=0.05)
+    assert -0.1 < c0.min() < -0.05
+    kappa, rho = 0.02, 9.0
+    traj = rd.forward(c0, kappa, rho, store=True)
+    h3 = ops.h**3
+    lam0, gk, gr = rd.adjoint(traj, h3 * (traj.c1 - d))
+    J = lambda c, k, r: 0.5 * h3 * float(np.sum((rd.forward(c, k, r) - d) ** 2))
+    dc = np.random.default_rng(1).standard_normal(c0.shape) * (np.abs(c0) + 0.01)
+    dk, dr = 0.3 * kappa, 1.0
+    res = taylor_test(lambda e: J(c0 + e * dc, kappa + e * dk, rho + e * dr),
+                      float(np.sum(lam0 * dc)) + gk * dk + gr * dr, 0.0, 1.0, eps0=5e-2, levels=12,
+                      J0=J(c0, kappa, rho))
+    print("\nTaylor test through the negative-value switch\n" + res.table())
+    assert_taylor(res, min_window=5, label="switch")
