@@ -27,7 +27,9 @@ Stages:
   S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
        tissues, started at γ = gamma0 (default 0.6, the reference's clinical start: between
        "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds).
-       c(1), |u| (mm) and u (LPS mm) go back to the patient grid through the inverse map.
+       c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
+       pushed forward through the map, registration.warp_to_patient); the patient-space |u|
+       is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
   Aggregate: aggregate.py (dropping rules, mean ± std, voxel-wise averages).
 Atlases run one after the other; S.3 already runs its four finite-difference solves
 concurrently (options.s3.workers).
@@ -507,8 +509,12 @@ def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, c
     P("S.1", *STAGE_SPAN["S.1"], 0.0, f"S.1: sparse initial condition on the {job.grid}^3 patient box")
     from .sparse_ic import solve_sparse_ic
 
-    s1 = solve_sparse_ic(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
-                         progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
+    try:
+        s1 = solve_sparse_ic(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
+                             progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
+    except ValueError as exc:  # data the S.1 basis cannot represent: an input problem
+        raise InputError(f"S.1: {exc} (the tumor is too small for the {job.grid}^3 box of "
+                         f"{geom_p.spacing:.3g} mm voxels; use a finer --grid)") from None
     c0_p = s1.c0
     timings["S.1_s"] = time.perf_counter() - t0
     check_cancel(cancel)
@@ -840,11 +846,12 @@ def _to_patient(geom_a: BoxGeometry, reg, ref: sitk.Image, c1, u) -> dict:
     from .registration import warp_to_patient
 
     u_mm = geom_a.displacement_to_mm(u)
-    unorm = np.sqrt((u_mm ** 2).sum(0)).astype(np.float32)
     c1_p = warp_to_patient(geom_a.image(c1), reg, ref)
-    un_p = warp_to_patient(geom_a.image(unorm), reg, ref)
     vec = sitk.Compose([geom_a.image(u_mm[p].astype(np.float32)) for p in range(3)])
-    vec_p = warp_to_patient(sitk.Cast(vec, sitk.sitkVectorFloat32), reg, ref)
+    vec_p = np.moveaxis(sitk.GetArrayFromImage(warp_to_patient(sitk.Cast(vec, sitk.sitkVectorFloat32), reg, ref)),
+                        -1, 0)
+    # |u| in patient space: the norm of the pushed-forward vectors (registration.warp_to_patient
+    # maps the vectors, not only their positions), so displacement_norm and displacement agree
     return {"predicted_tumor": sitk.GetArrayFromImage(c1_p),
-            "displacement_norm": np.maximum(sitk.GetArrayFromImage(un_p), 0),
-            "displacement": np.moveaxis(sitk.GetArrayFromImage(vec_p), -1, 0)}
+            "displacement_norm": np.sqrt((vec_p.astype(np.float64) ** 2).sum(0)),
+            "displacement": vec_p}

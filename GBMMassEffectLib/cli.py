@@ -13,6 +13,17 @@ patients). Defaults: κ 0.025, ρ 12, γ 0.4 (TC(b)); --sigma-voxels 1 (the widt
 --grid 64; nt 25, dt 0.04 (26 steps, MODEL §3); --box-mm 256. --preset tc-a … tc-d sets
 κ, ρ, γ of MODEL §7 (explicit --kappa/--rho/--gamma override them) and also writes the
 synthetic patient (BraTS labels, T1-like image, ground_truth.json; presets.py).
+
+calibrate: the multistage calibration (calibrate.py): --job DIR reads DIR/job.json
+(outputs in DIR/out unless "out" says otherwise); the same settings as flags (--tumor-seg
+| --tumor-core [--edema] | --tumor-concentration, --tissue-seg, --t1, --atlas-set,
+--atlases K, --grid, --device, --seed, --options JSON, --out) override the job's.
+Outputs: predicted_tumor, displacement_norm (mm), displacement_norm_std, displacement
+(LPS mm), initial_condition (.nrrd, patient grid), atlas_<name>/, report.json last.
+
+demo: a synthetic patient (preset tc-b) from the bundled atlas set, calibrated with the
+true atlas and two others at grid 32 (demo.py); human-readable lines unless --json;
+--full selects the paper setting; outputs in ./gbm-demo-output by default.
 """
 from __future__ import annotations
 

@@ -40,6 +40,8 @@ class DemoOptions:
     device: str = "auto"
     seed: int = 0
     text: bool = True  # human-readable lines on stdout (JSON lines when False)
+    n_others: int = 2  # atlases besides the true one (default setting)
+    options: dict | None = None  # solver options replacing the defaults' (tests: cheap settings)
 
 
 class _Outputs:
@@ -117,8 +119,10 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
         options = {}
     else:
         others = [c.atlas.name for c in select_atlases([a for a in aset if a.name != true.name], vt_ml,
-                                                       max_atlases=2, min_atlases=2).choices]
+                                                       max_atlases=opt.n_others, min_atlases=opt.n_others).choices]
         options = {"s3": {"maxiter": 20, "hessian": False}}
+    if opt.options is not None:
+        options = opt.options
     names = [true.name] + others
     say(f"calibrating with atlases {', '.join(names)} (true atlas: {true.name})")
     cdir = os.path.join(out, "calibration")

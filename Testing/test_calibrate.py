@@ -1,0 +1,300 @@
+"""The calibrate pipeline and its command line (calibrate.py, aggregate.py, cli.py;
+MODEL.md §6, ARCHITECTURE.md "The process boundary").
+
+A small patient: atlas.nc (64³ at 4 mm) with a BraTS tumor blob in white matter, on a
+flipped, shifted grid; two atlases: atlas.nc itself and an affinely deformed copy. The
+solver settings are cut down (S.1 one CoSaMP pass, S.3 one iteration at nt 9, dt 0.1, no
+Hessian, short registrations) so that the pipeline runs in about a minute at grid 32: these
+tests check the plumbing, geometry and the process contract, not the recovery (see
+test_mass_effect_inversion.py and test_sparse_ic.py for that)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.ndimage
+import SimpleITK as sitk
+
+from GBMMassEffectLib import aggregate
+from GBMMassEffectLib.calibrate import CalibrateJob, InputError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OUTPUTS = ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement_norm_std.nrrd",
+           "displacement.nrrd", "initial_condition.nrrd")
+CHEAP = {
+    "s1": {"cosamp_iterations": 1, "subspace_maxiter": 3, "final_maxiter": 3, "nt": 10},
+    "s3": {"maxiter": 1, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2},
+    "registration": {"iterations": 6, "affine_iterations": 15, "spacing_mm": 8.0},
+}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("GBM_FFT_WORKERS", "2")
+    return env
+
+
+def run_cli(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "GBMMassEffectLib", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is JSON
+    return proc, events
+
+
+def one_line_error(proc, events, code=2, match=None):
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and events[-1] is errors[0]
+    assert "\n" not in errors[0]["message"]
+    if match:
+        assert match in errors[0]["message"], errors[0]["message"]
+    return errors[0]["message"]
+
+
+def _write(arr, path, like=None, spacing=4.0, direction=None, origin=None):
+    img = sitk.GetImageFromArray(arr)
+    if like is not None:
+        img.CopyInformation(like)
+    else:
+        img.SetSpacing([spacing] * 3)
+        if direction is not None:
+            img.SetDirection(direction)
+        if origin is not None:
+            img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+@pytest.fixture(scope="module")
+def case(glia_testdata, tmp_path_factory):
+    """Atlases (plain and deformed) and a patient with a BraTS tumor on a flipped grid."""
+    d = tmp_path_factory.mktemp("calib")
+    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    lab = np.asarray(a, dtype=np.float32).round().astype(np.uint8)
+    atlas = _write(lab, d / "atlas_a.nrrd")
+    centre = atlas.TransformContinuousIndexToPhysicalPoint([31.5] * 3)
+    tx = sitk.AffineTransform(3)
+    tx.SetCenter(centre)
+    tx.SetMatrix([1.06, 0.03, 0, -0.02, 0.95, 0.02, 0, 0.01, 1.03])
+    tx.SetTranslation([3.0, -2.0, 1.0])
+    sitk.WriteImage(sitk.Resample(atlas, atlas, tx, sitk.sitkNearestNeighbor, 0), str(d / "atlas_b.nrrd"))
+    # patient: the atlas anatomy on a flipped, shifted grid with a tumor ball in deep wm
+    wm = lab == 6
+    depth = scipy.ndimage.distance_transform_edt(wm)
+    k, j, i = np.unravel_index(np.argmax(depth), lab.shape)
+    zz, yy, xx = np.indices(lab.shape)
+    r2 = (zz - k) ** 2 + (yy - j) ** 2 + (xx - i) ** 2
+    tumor = np.zeros_like(lab)
+    tumor[(r2 <= 36) & (lab > 0)] = 2
+    tumor[r2 <= 16] = 4
+    tumor[r2 <= 4] = 1
+    geo = dict(spacing=4.0, direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1), origin=(110.0, 140.0, -100.0))
+    tissue = lab.copy()
+    tissue[tumor > 0] = 0  # tissue map without labels under the tumor
+    t_img = _write(tumor, d / "tumor.nrrd", **geo)
+    _write(tissue, d / "tissue.nrrd", **geo)
+    both = tissue.copy()
+    both[tumor > 0] = tumor[tumor > 0]
+    _write(both, d / "patient_labels.nrrd", **geo)
+    _write(np.zeros_like(tumor), d / "empty_tumor.nrrd", like=t_img)
+    empty = np.zeros_like(tumor)
+    empty[tumor == 2] = 2  # edema only: no tumor core
+    _write(empty, d / "edema_only.nrrd", like=t_img)
+    bad = tumor.copy()
+    bad[0, 0, 0] = 3
+    _write(bad, d / "bad_labels.nrrd", like=t_img)
+    _write(tissue, d / "tissue_shifted.nrrd", spacing=4.0, origin=(5.0, 0.0, 0.0))
+    return {"dir": d, "atlases": [d / "atlas_a.nrrd", d / "atlas_b.nrrd"], "tumor": d / "tumor.nrrd",
+            "tissue": d / "tissue.nrrd"}
+
+
+def _job(case, folder, **over):
+    job = {"command": "calibrate", "t1": None, "tumor_labels": str(case["tumor"]),
+           "tumor_label_values": {"necrotic": 1, "edema": 2, "enhancing": 4},
+           "tissue_labels": str(case["tissue"]), "tissue_label_values": {"gm": 5, "wm": 6, "vt": 7, "csf": 8},
+           "atlas_set": [str(p) for p in case["atlases"]], "grid": 32, "device": "cpu", "n_atlases": 2,
+           "seed": 0, "out": str(folder / "out"), "options": CHEAP}
+    job.update(over)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.json").write_text(json.dumps(job))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full_run(case):
+    folder = _job(case, case["dir"] / "job_full")
+    t0 = time.perf_counter()
+    proc, events = run_cli("calibrate", "--job", folder)
+    return {"proc": proc, "events": events, "out": folder / "out", "seconds": time.perf_counter() - t0}
+
+
+def same_geometry(img, ref):
+    assert img.GetSize() == ref.GetSize()
+    assert np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+    assert np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    assert np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
+
+
+def test_full_pipeline_outputs(case, full_run):
+    proc, events, out = full_run["proc"], full_run["events"], full_run["out"]
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert events[-1] == {"event": "result", "path": str(out / "report.json")}
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {e["stage"] for e in events if e["event"] == "progress"} >= {"S.1", "S.2", "S.3"}
+    ref = sitk.ReadImage(str(case["tumor"]))
+    for name in OUTPUTS:
+        img = sitk.ReadImage(str(out / name))
+        same_geometry(img, ref)
+    disp = sitk.ReadImage(str(out / "displacement.nrrd"))
+    assert disp.GetNumberOfComponentsPerPixel() == 3
+    c1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predicted_tumor.nrrd")))
+    tumor = sitk.GetArrayFromImage(ref)
+    assert 0 <= c1.min() and c1.max() <= 1
+    assert c1[np.isin(tumor, (1, 4))].mean() > 0.3 > c1[tumor == 0].mean()  # the tumor lands on the tumor
+    c0 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "initial_condition.nrrd")))
+    assert c0.max() > 0.5 and tumor[np.unravel_index(np.argmax(c0), c0.shape)] > 0
+    unorm = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement_norm.nrrd")))
+    u = sitk.GetArrayFromImage(disp)
+    assert unorm.max() > 0.5  # mm; γ starts at 0.6
+    report = json.loads((out / "report.json").read_text())
+    for key in ("inputs", "options", "versions", "device", "timings", "s1", "atlases", "mean", "std",
+                "patient_tissue_source", "outputs", "summary"):
+        assert key in report, key
+    assert report["patient_tissue_source"] == "tissue label map"
+    assert len(report["s1"]["centres_domain"]) >= 1 and report["s1"]["kappa"] > 0
+    assert len(report["atlases"]) == 2
+    names = sorted(e["name"] for e in report["atlases"])
+    assert names == ["atlas_a", "atlas_b"]
+    for e in report["atlases"]:
+        for key in ("name", "kappa", "rho", "gamma", "max_u_mm", "dropped", "relative_tumor_error",
+                    "hessian_condition", "nit", "nfev", "status", "message"):
+            assert key in e, key
+        assert 0.005 <= e["kappa"] <= 0.05 and 2 <= e["rho"] <= 15 and 0 <= e["gamma"] <= 1.5
+        assert e["max_u_mm"] == pytest.approx(e["max_u_domain"] * 256 / (2 * np.pi))
+        sub = out / f"atlas_{e['name']}"
+        for name in ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement.nrrd", "result.json"):
+            assert (sub / name).is_file()
+        same_geometry(sitk.ReadImage(str(sub / "predicted_tumor.nrrd")), ref)
+    kept = [e for e in report["atlases"] if not e["dropped"]] or report["atlases"]
+    assert report["mean"]["gamma"] == pytest.approx(np.mean([e["gamma"] for e in kept]))
+    assert report["std"]["kappa"] == pytest.approx(np.std([e["kappa"] for e in kept]))
+    # averaged |u| (mean of per-atlas norms) ≥ |mean u| voxel-wise (triangle inequality),
+    # with equality for one atlas; the spread is the std of the per-atlas norms
+    assert (unorm + 1e-3 >= np.sqrt((u ** 2).sum(-1))).all()
+    norms = [np.sqrt((sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"atlas_{e['name']}" / "displacement.nrrd")))
+                      .astype(np.float64) ** 2).sum(-1)) for e in report["atlases"]]
+    used = report["summary"]["atlases_used"]
+    sel = [n for n, e in zip(norms, report["atlases"]) if e["name"] in used]
+    assert np.allclose(unorm, np.mean(sel, 0), atol=1e-3)
+    std = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement_norm_std.nrrd")))
+    assert np.allclose(std, np.std(sel, 0), atol=1e-3)
+    assert not list(out.rglob(".*.part*"))  # no temporaries left
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"tissue_labels": None}, "neither a tissue segmentation"),
+    ({"tumor_labels": "{dir}/empty_tumor.nrrd"}, "is empty"),
+    ({"tumor_labels": "{dir}/edema_only.nrrd"}, "no tumor-core"),
+    ({"tumor_labels": "{dir}/bad_labels.nrrd"}, "unknown label value(s) 3"),
+    ({"tissue_labels": "{dir}/tissue_shifted.nrrd"}, "mismatched geometry"),
+    ({"grid": 33}, "grid must be an even integer"),
+    ({"colour": "blue"}, "unknown key(s) colour"),
+    ({"options": {"s3": {"maxiterations": 3}}}, "unknown S.3 option(s): maxiterations"),
+    ({"atlas_set": "{dir}/nowhere"}, "no such file or folder"),
+])
+def test_bad_inputs_one_line_error(case, tmp_path, over, match):
+    over = {k: (v.format(dir=case["dir"]) if isinstance(v, str) else v) for k, v in over.items()}
+    folder = _job(case, tmp_path / "job", **over)
+    proc, events = run_cli("calibrate", "--job", folder, timeout=120)
+    one_line_error(proc, events, 2, match)
+    assert not (folder / "out" / "report.json").exists()
+
+
+def test_flags_give_the_same_job_as_job_json(case, tmp_path):
+    proc, events = run_cli("calibrate", "--tumor-seg", case["tumor"], "--out", tmp_path / "o", "--grid", 32,
+                           timeout=120)
+    one_line_error(proc, events, 2, "neither a tissue segmentation")
+    proc, events = run_cli("calibrate", timeout=120)
+    one_line_error(proc, events, 2, "calibrate needs --job DIR")
+    job = CalibrateJob.from_dict({"tumor_labels": "t.nrrd", "tissue_labels": "s.nrrd", "out": "o"}, "/base")
+    assert job.tumor_labels == "/base/t.nrrd" and job.out == "/base/o" and job.atlas_set == "bundled"
+    with pytest.raises(InputError, match="unknown key"):
+        CalibrateJob.from_dict({"tumour": "x"})
+
+
+def test_sigterm_leaves_nothing(case, tmp_path):
+    """SIGTERM once the first atlas's outputs are written (S.2 of atlas 2 started): exit 143
+    within seconds, and the output folder is gone (nothing half written)."""
+    folder = _job(case, tmp_path / "job")
+    out = folder / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "GBMMassEffectLib", "calibrate", "--job", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            e = lines[-1]
+            if e.get("stage") == "S.2" and e.get("atlas") == 2:
+                break
+        assert list(out.rglob("result.json")), "atlas 1 should have written its outputs"
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines += [json.loads(x) for x in rest.splitlines()]
+    assert proc.returncode == 143
+    assert elapsed < 10
+    assert lines[-1]["event"] == "error" and lines[-1].get("cancelled")
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+# ---- aggregation (pure) ------------------------------------------------------------------------
+def _entry(name, **kw):
+    e = {"name": name, "failed": False, "kappa": 0.02, "rho": 10.0, "gamma": 0.5, "max_u_mm": 10.0,
+         "max_u_domain": 0.25, "relative_tumor_error": 0.3, "hessian_condition": 50.0}
+    e.update(kw)
+    return e
+
+
+def test_dropping_rules_and_summary():
+    es = [_entry("ok1", gamma=0.4, kappa=0.01), _entry("ok2", gamma=0.6, kappa=0.03),
+          _entry("big_u", max_u_domain=2.5), _entry("misfit", relative_tumor_error=1.2),
+          _entry("illcond", hessian_condition=2e4), _entry("failed", failed=True, error="boom"),
+          _entry("nohess", hessian_condition=None)]
+    aggregate.apply_dropping(es)
+    reasons = {e["name"]: e["dropped"] for e in es}
+    assert reasons["ok1"] is None and reasons["ok2"] is None and reasons["nohess"] is None
+    assert "max|u|" in reasons["big_u"] and "relative tumor error" in reasons["misfit"]
+    assert "Hessian condition" in reasons["illcond"] and "boom" in reasons["failed"]
+    s = aggregate.summarise(es)
+    assert s.kept == ["ok1", "ok2", "nohess"]
+    assert s.mean["gamma"] == pytest.approx(0.5) and s.std["gamma"] == pytest.approx(np.std([0.4, 0.6, 0.5]))
+    assert s.mean["kappa"] == pytest.approx(0.02)
+    # every atlas dropped but some have results: summary over those, flagged
+    es2 = aggregate.apply_dropping([_entry("a", max_u_domain=3.0, gamma=1.0), _entry("b", failed=True)])
+    s2 = aggregate.summarise(es2)
+    assert s2.kept == ["a"] and "every atlas" in s2.basis and s2.mean["gamma"] == 1.0
+    with pytest.raises(aggregate.AllAtlasesFailed, match="no atlas produced a result"):
+        aggregate.summarise(aggregate.apply_dropping([_entry("b", failed=True, error="x")]))
+
+
+def test_volume_average():
+    acc = aggregate.VolumeAverage()
+    a, b = np.array([1.0, 2.0]), np.array([3.0, 2.0])
+    acc.add({"displacement_norm": a, "predicted_tumor": a})
+    acc.add({"displacement_norm": b, "predicted_tumor": b})
+    assert np.allclose(acc.mean("displacement_norm"), [2, 2]) and np.allclose(acc.std("displacement_norm"), [1, 0])
