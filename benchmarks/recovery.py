@@ -23,7 +23,8 @@ Synthetic patient (one per test case, MODEL §7 TC(a)–(d)):
 Experiments (one markdown row each per case / atlas):
   true-ic        S.3 on the true atlas with the true c0 (paper: all errors < 2%).
   inverted-ic    S.1 (sparse_ic.solve_sparse_ic) on the patient, i.e. the deformed tissues at
-                 t = 1 with the tumour region (c(1) > 0.02) counted as white matter, then S.3
+                 t = 1 with the tumour region (c(1) > 0.02) counted as white matter (wm = 1 − bg −
+                 vt − csf there), then S.3
                  on the true atlas with that c0 (max 1), used in the same box without
                  registration (true atlas: patient and atlas share the box; the mass effect
                  pushes tissue away from the tumour centre, not the centre itself).
@@ -166,16 +167,24 @@ class Patient:
                 "seed_domain": [float(v) for v in self.centre]}
 
     def s1_tissues(self):
-        """Patient tissues at t = 1 with the tumour region counted as white matter."""
+        """Patient tissues at t = 1 with the tumour region (c(1) > 0.02) counted as white
+        matter, as a tumour label would be: there wm = 1 − bg − vt − csf, gm = 0 (the
+        forward model's wm(1−c0) filter left ~0 healthy tissue in the tumour core)."""
         xp = self.ops.xp
         T = self.tissues
         tum = xp.asarray(self.tumor)
-        wm = xp.where(tum, T.wm + T.gm, T.wm)
-        gm = xp.where(tum, 0, T.gm)
+        wm = xp.where(tum, xp.maximum(1 - T.bg - T.vt - T.csf, 0), T.wm).astype(self.ops.dtype)
+        gm = xp.where(tum, 0, T.gm).astype(self.ops.dtype)
         return wm, gm, T.vt, T.csf
 
-    def inverted_c0(self, max_iter: int):
-        """S.1 on the patient (cached per patient)."""
+    def inverted_c0(self, max_iter: int, cache_dir: pathlib.Path | None = None):
+        """S.1 on the patient (cached per patient, and in cache_dir/s1_<n>_<case>.npz)."""
+        cache = None if cache_dir is None else cache_dir / f"s1_{self.ops.n}_{self.case}.npz"
+        if self.s1 is None and cache is not None and cache.exists():
+            z = np.load(cache, allow_pickle=False)
+            info = json.loads(str(z["info"]))
+            self.s1 = (self.ops.xp.asarray(z["c0"], dtype=self.ops.dtype), info)
+            log(f"S.1 case {self.case}: from {cache}")
         if self.s1 is None:
             from GBMMassEffectLib.sparse_ic import SparseICOptions, solve_sparse_ic
 
@@ -190,6 +199,9 @@ class Patient:
             self.s1 = (c0, {"kappa_s1": float(r.kappa), "rho_s1": float(r.rho),
                             "s1_relative_error": float(r.relative_error), "s1_support": int(len(r.support)),
                             "s1_c0_error": err, "s1_seconds": sec})
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, c0=to_numpy(c0), info=json.dumps(self.s1[1]))
             log(f"S.1 case {self.case}: κ={r.kappa:.4g} ρ={r.rho:.4g} support={len(r.support)} "
                 f"‖c0−c0*‖/‖c0*‖={err:.3f} ({sec:.0f} s)")
         return self.s1
@@ -245,7 +257,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     if exp == "true-ic":
         c0, d, O, vt_p = patient.c0, patient.d, patient.O, patient.vt
     else:
-        c0, s1 = patient.inverted_c0(args.max_iter)
+        c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache")
         extra.update(s1)
         if exp == "inverted-ic":
             d, O, vt_p = patient.d, patient.O, patient.vt
@@ -274,7 +286,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "nit": r.nit, "n_forward": r.n_forward, "message": r.message, "success": r.success,
            "hessian_condition": r.hessian_condition, "cfl_flagged": r.cfl_flagged,
            "s3_seconds": r.seconds, "seconds": time.perf_counter() - t0,
-           "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
+           "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
            **patient.info(), **extra}
     if target is patient.anatomy:
         um = r.forward.displacement_norm()
@@ -356,8 +368,17 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
 
 
 def save(doc: dict, out: pathlib.Path) -> None:
+    """Write the JSON and the markdown; rows another process has written to the same JSON
+    meanwhile (other keys) are kept."""
     n = doc["grid"]
     js = out / f"recovery_{n}.json"
+    if js.exists():
+        mine = {key(r) for r in doc["rows"]}
+        try:
+            theirs = [r for r in json.loads(js.read_text())["rows"] if key(r) not in mine]
+        except (ValueError, KeyError):
+            theirs = []
+        doc["rows"] = theirs + doc["rows"]
     tmp = js.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=float))
     os.replace(tmp, js)
