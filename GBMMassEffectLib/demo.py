@@ -3,8 +3,9 @@
 
 1. Patient: `simulate --preset tc-b` (MODEL §7: γ 0.4, ρ 12, κ 0.025) on the bundled atlas
    "mni152" (the first of the set when it is absent), seed point from the seed, grid n.
-   Written to OUT/patient (BraTS tumor labels, deformed tissue labels, T1-like image,
-   ground_truth.json).
+   Written to OUT/patient (BraTS tumor labels, T1-like image, ground_truth.json), plus
+   patient_tissue_labels.nrrd: the atlas labels moved by the simulated displacement at the
+   atlas's own resolution, tumor labels on top (the calibration's tissue input).
 2. Calibration (calibrate.run_calibrate) from the tumor labels and the deformed tissue
    labels with three atlases: the true one and the two others that the §6 ventricle
    rule ranks nearest. Written to OUT/calibration.
@@ -111,7 +112,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     truth = json.load(open(os.path.join(pdir, "ground_truth.json"), encoding="utf-8"))
 
     # 2. calibration
-    tissue = os.path.join(pdir, "patient_labels.nrrd")
+    tissue = deformed_tissue(true.read_labels(), pdir, pset)
     vt_ml = ventricle_volume_ml(read_image(tissue, "patient labels"))
     if opt.full:
         others = [c.atlas.name for c in select_atlases([a for a in aset if a.name != true.name], vt_ml,
@@ -149,6 +150,29 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     cset.write_json(os.path.join(out, "demo_summary.json"), summary)
     say(format_summary(summary))
     return os.path.join(cdir, "report.json")
+
+
+def deformed_tissue(healthy, pdir: str, outputs) -> str:
+    """The patient's tissue label map at the atlas's resolution: the healthy labels moved by
+    the simulated displacement, deformed(x) = healthy(x − u(x)) (simulate's convention),
+    with the BraTS tumor labels on top. (simulate's own labels.nrrd is the argmax of the
+    box fractions: at grid 32, 8 mm voxels, thin structures such as the ventricles vanish.)
+    Written to pdir/patient_tissue_labels.nrrd; returns its path."""
+    import SimpleITK as sitk
+
+    from .io import image_like, read_image, write_image
+
+    u = read_image(os.path.join(pdir, "displacement.nrrd"), "displacement", allow_vector=True)
+    field = sitk.GetImageFromArray(-sitk.GetArrayFromImage(u).astype("float64"), isVector=True)
+    field.CopyInformation(u)
+    moved = sitk.Resample(healthy, healthy, sitk.DisplacementFieldTransform(field), sitk.sitkNearestNeighbor, 0)
+    lab = sitk.GetArrayFromImage(moved)
+    tumor = sitk.GetArrayFromImage(read_image(os.path.join(pdir, "tumor_labels.nrrd"), "tumor labels"))
+    lab[tumor > 0] = tumor[tumor > 0]
+    img = image_like(lab.astype("uint8"), healthy)
+    path = os.path.join(pdir, "patient_tissue_labels.nrrd")
+    outputs.write(path, lambda tmp: write_image(img, tmp))
+    return path
 
 
 def format_summary(s: dict) -> str:
