@@ -163,6 +163,8 @@ def _add_demo(sub) -> None:
     d.add_argument("--grid", type=int, default=None, help="box grid n (default 32; --full: 128/256)")
     d.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--atlas-set", dest="atlas_set", default="bundled",
+                   help="atlas set folder (default: the bundled set; the first atlas 'mni152' or the set's first is the true one)")
     d.add_argument("--json", action="store_true", help="JSON progress lines instead of text (the process contract)")
 
 
@@ -227,7 +229,7 @@ def _demo(args, outputs_holder: list, token: pg.CancelToken) -> int:
     from .demo import DemoOptions, run_demo
 
     opt = DemoOptions(out=args.out, full=args.full, preset=args.preset, grid=args.grid, device=args.device,
-                      seed=args.seed, text=not args.json)
+                      seed=args.seed, text=not args.json, atlas_set=args.atlas_set)
     report_path = run_demo(opt, outputs_holder, progress=lambda d: pg.emit({"event": "progress", **d}),
                            cancel=token)
     token.finish()

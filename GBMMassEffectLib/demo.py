@@ -41,6 +41,7 @@ class DemoOptions:
     device: str = "auto"
     seed: int = 0
     text: bool = True  # human-readable lines on stdout (JSON lines when False)
+    atlas_set: str = "bundled"  # or a manifest folder (its atlases need no T1)
     n_others: int = 2  # atlases besides the true one (default setting)
     options: dict | None = None  # solver options replacing the defaults' (tests: cheap settings)
 
@@ -89,7 +90,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
             who = f" atlas {key[1]}" if key[1] is not None else ""
             say(f"  [{time.perf_counter() - t_start:6.0f} s] {d.get('stage')}{who}: {d.get('message', '')}")
 
-    aset = load_atlas_set("bundled")
+    aset = load_atlas_set(opt.atlas_set)
     true = aset[TRUE_ATLAS] if TRUE_ATLAS in aset.names else aset[0]
     out = os.path.abspath(opt.out)
     say(f"GBMMassEffect demo: synthetic patient (preset {opt.preset}) from atlas '{true.name}', grid {grid}")
@@ -128,7 +129,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     say(f"calibrating with atlases {', '.join(names)} (true atlas: {true.name})")
     cdir = os.path.join(out, "calibration")
     job = CalibrateJob(tumor_labels=os.path.join(pdir, "tumor_labels.nrrd"), tissue_labels=tissue,
-                       t1=os.path.join(pdir, "t1.nrrd"), atlas_set="bundled", atlases=names, grid=grid,
+                       t1=os.path.join(pdir, "t1.nrrd"), atlas_set=opt.atlas_set, atlases=names, grid=grid,
                        device=opt.device, seed=opt.seed, out=cdir, options=options)
     cset = CalibrateOutputs(cdir)
     outs.sets.append(cset)
