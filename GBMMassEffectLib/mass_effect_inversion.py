@@ -187,21 +187,19 @@ def fd_hessian(obj: MassEffectObjective, x, workers: int, eps: float) -> np.ndar
     x = np.asarray(x, dtype=float)
     h = eps ** (1.0 / 3.0) * np.maximum(np.abs(x), 1.0)
     E = np.eye(3) * h
-    pts = {"0": x}
+    pts = {(): x}
     for i in range(3):
-        pts[f"{i}"] = x + E[i]
-        pts[f"{i}{i}"] = x + 2 * E[i]
+        pts[(i,)] = x + E[i]
+        pts[(i, i)] = x + 2 * E[i]
         for j in range(i + 1, 3):
-            pts[f"{i}{j}"] = x + E[i] + E[j]
-    pts["0"] = x
+            pts[(i, j)] = x + E[i] + E[j]
     keys = list(pts)
-    vals = dict(zip(keys, obj.values([pts[k] for k in keys], workers)))
-    f0 = obj.value(x)
+    f = dict(zip(keys, obj.values([pts[k] for k in keys], workers)))
     H = np.empty((3, 3))
     for i in range(3):
-        H[i, i] = (vals[f"{i}{i}"] - 2 * vals[f"{i}"] + f0) / h[i] ** 2
+        H[i, i] = (f[(i, i)] - 2 * f[(i,)] + f[()]) / h[i] ** 2
         for j in range(i + 1, 3):
-            H[i, j] = H[j, i] = (vals[f"{i}{j}"] - vals[f"{i}"] - vals[f"{j}"] + f0) / (h[i] * h[j])
+            H[i, j] = H[j, i] = (f[(i, j)] - f[(i,)] - f[(j,)] + f[()]) / (h[i] * h[j])
     return H
 
 

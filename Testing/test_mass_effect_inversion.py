@@ -91,17 +91,9 @@ class Quadratic:
         return [self.value(p) for p in points]
 
 
-A_SPD = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, -0.2], [0.5, -0.2, 0.05]])
+A_SPD = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, -0.2], [0.5, -0.2, 0.5]])  # leading minors 4, 11, 4.39 > 0
 
 
-#: fd_hessian stores the base point under key "0" and the first-axis step x + h₀e₀ under
-#: f"{i}" = "0" as well; the later `pts["0"] = x` overwrites the step, so row/column 0 of H
-#: use J(x) where J(x + h₀e₀) is needed (H[0,0] = (J(x+2h₀e₀) − J(x))/h₀², wrong by
-#: O(g₀/h₀)). Reported to the lead; remove this marker with the fix (distinct base key).
-FD_HESSIAN_KEY_BUG = pytest.mark.xfail(strict=True, reason="fd_hessian: key '0' collision (base point vs x+h0e0)")
-
-
-@FD_HESSIAN_KEY_BUG
 @pytest.mark.parametrize("eps", [np.finfo(np.float32).eps, np.finfo(np.float64).eps])
 def test_fd_hessian_exact_on_quadratic(eps):
     q = Quadratic(A_SPD, [8.0, 10.0, 2.5])
