@@ -132,7 +132,7 @@ def _job(case, folder, **over):
 
 @pytest.fixture(scope="module")
 def full_run(case):
-    folder = _job(case, case["dir"] / "job_full")
+    folder = _job(case, case["dir"] / "job_full", predict_times=[1.2])
     t0 = time.perf_counter()
     proc, events = run_cli("calibrate", "--job", folder)
     return {"proc": proc, "events": events, "out": folder / "out", "seconds": time.perf_counter() - t0}
@@ -158,6 +158,10 @@ def test_full_pipeline_outputs(case, full_run):
         same_geometry(img, ref)
     disp = sitk.ReadImage(str(out / "displacement.nrrd"))
     assert disp.GetNumberOfComponentsPerPixel() == 3
+    later = sitk.ReadImage(str(out / "predicted_tumor_t1.2.nrrd"))  # requested later time
+    same_geometry(later, ref)
+    assert sitk.GetArrayFromImage(later).sum() > sitk.GetArrayFromImage(sitk.ReadImage(
+        str(out / "predicted_tumor.nrrd"))).sum()  # the tumor keeps growing
     c1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predicted_tumor.nrrd")))
     tumor = sitk.GetArrayFromImage(ref)
     assert 0 <= c1.min() and c1.max() <= 1
@@ -298,3 +302,48 @@ def test_volume_average():
     acc.add({"displacement_norm": a, "predicted_tumor": a})
     acc.add({"displacement_norm": b, "predicted_tumor": b})
     assert np.allclose(acc.mean("displacement_norm"), [2, 2]) and np.allclose(acc.std("displacement_norm"), [1, 0])
+
+
+def _t1_from_labels(lab):
+    table = np.zeros(256, np.float32)
+    for v, x in ((5, 650.0), (6, 900.0), (7, 350.0), (8, 350.0), (1, 450.0), (2, 700.0), (4, 500.0)):
+        table[v] = x
+    return scipy.ndimage.gaussian_filter(table[lab], 0.7)
+
+
+@pytest.mark.slow
+def test_clinical_like_t1_and_binary_mask(case, tmp_path):
+    """Only a thick-slice T1 (4 × 4 × 12 mm) and a binary tumor mask: the tissue comes from the
+    best-registered atlas (said in report.json), outputs on the T1's grid."""
+    d = case["dir"]
+    aset = tmp_path / "atlases"
+    aset.mkdir()
+    for p in case["atlases"]:
+        img = sitk.ReadImage(str(p))
+        stem = p.name.replace(".nrrd", "")
+        sitk.WriteImage(img, str(aset / f"{stem}_labels.nrrd"))
+        _write(_t1_from_labels(sitk.GetArrayFromImage(img)), aset / f"{stem}_t1.nrrd", like=img)
+    from GBMMassEffectLib.atlases import make_manifest
+
+    make_manifest(aset)
+    pl = sitk.ReadImage(str(d / "patient_labels.nrrd"))
+    t1 = io_img = _write(_t1_from_labels(sitk.GetArrayFromImage(pl)), tmp_path / "t1_iso.nrrd", like=pl)
+    thick = sitk.Image([64, 64, 21], sitk.sitkFloat32)
+    thick.SetSpacing((4.0, 4.0, 12.0))
+    thick.SetDirection(pl.GetDirection())
+    thick.SetOrigin(pl.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 1.0)))
+    sitk.WriteImage(sitk.Resample(io_img, thick, sitk.Transform(), sitk.sitkLinear, 0.0), str(tmp_path / "t1.nrrd"))
+    core = sitk.Resample(sitk.Cast(sitk.ReadImage(str(case["tumor"])), sitk.sitkUInt8), thick, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0)
+    mask = sitk.Cast(sitk.BinaryThreshold(core, 1, 4, 1, 0), sitk.sitkUInt8)  # core + edema as one mask
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    del t1
+    proc, events = run_cli("calibrate", "--t1", tmp_path / "t1.nrrd", "--tumor-core", tmp_path / "mask.nrrd",
+                           "--atlas-set", aset, "--atlases", 2, "--grid", 32, "--device", "cpu",
+                           "--options", json.dumps(CHEAP), "--out", tmp_path / "out")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["patient_tissue_source"].startswith("derived from the best-registered atlas")
+    assert (tmp_path / "out" / "patient_tissue_labels.nrrd").is_file()
+    for name in OUTPUTS:
+        same_geometry(sitk.ReadImage(str(tmp_path / "out" / name)), thick)
