@@ -478,7 +478,7 @@ def make_variant(base: Base, seed: int, vent_factor: float, brain_scale: float):
     phi = ndi.gaussian_filter(V, 6.0 / cs)
     gphi = np.stack(np.gradient(phi))
     gphi /= np.sqrt((gphi ** 2).sum(0)).max()
-    v0 = base.ventricle_fraction().sum()
+    v0 = float(base.ventricle_fraction().sum(dtype=np.float64))
 
     def field(a):
         # pull back through exp(-v): v = v_rand + v_scale - a * grad(phi) (outward a > 0)
@@ -486,7 +486,7 @@ def make_variant(base: Base, seed: int, vent_factor: float, brain_scale: float):
 
     def ratio(a):
         tx = displacement_transform(field(a), coarse, base.grid)
-        return base.ventricle_fraction(tx).sum() / v0
+        return float(base.ventricle_fraction(tx).sum(dtype=np.float64) / v0)
 
     # Illinois false position on f(a) = ln(ratio(a) / factor), bracket [-10, 12] mm
     lo, hi = -10.0, 12.0
@@ -516,10 +516,10 @@ def make_variant(base: Base, seed: int, vent_factor: float, brain_scale: float):
         fail(f"variant seed {seed}: deformation folds (min det J {jmin:.3f})")
     tx = displacement_transform(d, coarse, base.grid)
     labels, t1 = base.render(tx)
-    params = {"ventricle_speed_mm": round(a, 3), "random_max_speed_mm": 4.0,
+    params = {"ventricle_speed_mm": round(float(a), 3), "random_max_speed_mm": 4.0,
               "random_sigma_mm": 15.0, "ventricle_sigma_mm": 6.0,
               "brain_scale": brain_scale, "target_ventricle_factor": vent_factor,
-              "min_jacobian": round(jmin, 3)}
+              "min_jacobian": round(float(jmin), 3)}
     return labels, t1, params
 
 
@@ -662,6 +662,11 @@ def main(argv=None) -> int:
         "atlases": entries,
     }
     (out / "atlases.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    listed = {e[k] for e in entries for k in ("labels", "t1")}
+    for stale in sorted(out.glob("*.nrrd")):
+        if stale.name not in listed:  # left over from an earlier build with other names
+            log(f"removing stale {stale.name}")
+            stale.unlink()
     write_licences(out)
     write_readme(out, manifest)
     log(f"done in {time.time() - t_start:.0f} s: {len(entries)} atlases in {out}")
