@@ -754,7 +754,7 @@ the SRI24 atlas (an average of 24 adults) and Colin27 (one adult, 27 averaged sc
 The method averages over several atlases per patient (up to 8, chosen by ventricle
 volume), so the set adds **synthetic** anatomical variants of these three: smooth random
 diffeomorphic deformations (max speed 4 mm, smoothness 15 mm) with a global scaling of
-the brain (0.97-1.03) and an enlargement or shrinkage of the ventricles, giving the
+the brain (0.96-1.04) and an enlargement or shrinkage of the ventricles, giving the
 spread of ventricle volumes above. They are plausible anatomies, not real subjects; the
 manifest marks them `"synthetic": true` with their seed and deformation parameters.
 
