@@ -104,7 +104,11 @@ def load_labels(name: str):
         try:
             from GBMMassEffectLib.atlases import load_atlas_set
 
-            return load_atlas_set()[name].read_labels(), f"bundled atlas {name}"
+            import hashlib
+
+            atlas = load_atlas_set()[name]
+            sha = hashlib.sha256(pathlib.Path(atlas.labels_path).read_bytes()).hexdigest()[:12]
+            return atlas.read_labels(), f"bundled atlas {name} (labels sha256 {sha}…)"
         except FileNotFoundError:
             log("no bundled atlas set: falling back to glia-testdata/atlas.nc")
     import scipy.io
@@ -319,7 +323,8 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
              f"Patient anatomy: {doc['patient_source']}; box 256 mm ({256 / n:g} mm voxels); "
              f"true c0 one Gaussian of σ = {SIGMA_MM:g} mm; data: {doc['data']}; "
              f"S.3 start γ, ρ, κ = {', '.join(f'{v:g}' for v in doc['start'])}; "
-             f"max {doc['max_iter']} iterations, relative gradient 1e-3; {doc['workers']} workers; "
+             f"max {doc['max_iter']} iterations, relative gradient 1e-3; "
+             f"concurrent forward solves (workers): {'/'.join(sorted({str(r['workers']) for r in rows}))}; "
              f"{doc['machine']}.", "",
              "eX: relative error of X (TC(a) γ* = 0: absolute error, marked abs). eu: relative "
              "error of max|u| (displacement magnitude); eu field: ‖|u| − |u*|‖/‖|u*|‖ (true atlas "
