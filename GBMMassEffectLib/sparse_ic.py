@@ -12,12 +12,12 @@ Algorithm (CoSaMP over the adjoint gradient, per connected tumor component):
   3. bound-constrained L-BFGS-B (scipy) over (p_S, κ) with ρ fixed (the reference's choice;
      `rho_in_subspace=True` adds ρ), p ≥ 0, κ ∈ [1e-4, 0.5], ρ ∈ [1, 18];
   4. hard threshold: keep the s largest p_i per component; repeat (4 iterations);
-  5. final solve.  `final="joint"` (default): one L-BFGS-B over (p_S, κ, ρ), then c0 = Φp_S
-     rescaled to max 1 and a short (κ, ρ) solve with that c0 fixed.
-     `final="reference"`: rescale c0 to max 1, start ρ from the best misfit over
-     {3, 6, 9, 10, 12, 15}, then a (κ, ρ) solve (what the reference does).
-     The joint variant recovers at least as well (Testing/test_sparse_ic.py shows it on a
-     synthetic source: it also moves p_S, so the shape of c0 is refitted with ρ).
+  5. final solve: c0 = Φp_S rescaled to max 1 (§5), ρ restarted from the best misfit over
+     {3, 6, 9, 10, 12, 15} (`rho_grid`), then
+     `final="joint"` (default): one L-BFGS-B over (p_S, κ, ρ) with c0 = Φp_S/max(Φp_S), so
+     max(c0) = 1 holds throughout and the shape of c0 is refitted together with ρ;
+     `final="reference"`: a (κ, ρ) solve with that c0 fixed (what the reference does).
+     The joint variant recovers at least as well (Testing/test_sparse_ic.py shows it).
 L-BFGS-B works on scaled variables (p, κ/0.01, ρ) and the objective divided by
 J_ref = ½h³‖Od‖², so that its default tolerances are meaningful at every grid size.
 
@@ -41,7 +41,8 @@ from .reaction_diffusion import ReactionDiffusion, coefficient_fraction
 from .spectral import SpectralOps
 
 __all__ = ["SparseICOptions", "SparseICResult", "S1Objective", "solve_sparse_ic", "solve_kappa_rho", "Cancelled",
-           "tumor_components", "coarsen"]
+           "tumor_components", "coarsen",
+           "normalised_ic", "normalised_ic_adjoint", "solve_sparse_ic_coarse_to_fine"]
 
 KAPPA_SCALE = 0.01  # L-BFGS-B sees κ/0.01 (cf. the reference's 100·κ)
 
@@ -62,7 +63,7 @@ class SparseICOptions:
     rho_grid: tuple = (3.0, 6.0, 9.0, 10.0, 12.0, 15.0)
     subspace_maxiter: int = 30
     final_maxiter: int = 50
-    polish_maxiter: int = 15
+    ftol: float = 1e-6  # L-BFGS-B relative-decrease stop on J/J_ref
     nt: int = 40
     rtol: float = 1e-6
     sigma: float | None = None  # atom width, default one voxel
@@ -139,6 +140,29 @@ class S1Objective:
 
     def gradient_p(self, lam0):
         return to_numpy(self.basis.adjoint(lam0))
+
+
+def normalised_ic(basis: GaussianBasis, p):
+    """c0 = Φp / max(Φp) (max(c0) = 1, §5) and the state its adjoint needs; (None, None) if Φp ≤ 0."""
+    xp = basis.ops.xp
+    craw = basis.apply(p)
+    istar = int(xp.argmax(craw))
+    M = float(craw.reshape(-1)[istar])
+    if not M > 0:
+        return None, None
+    return craw / basis.ops.dtype.type(M), (craw, M, istar)
+
+
+def normalised_ic_adjoint(basis: GaussianBasis, lam, state):
+    """∂J/∂p for c0 = Φp/M, M = (Φp)(i*): Φᵀλ/M − ⟨λ, Φp⟩/M²·φ(i*) (host float64).
+
+    Exact wherever the argmax voxel i* is unique (J is then smooth in p).
+    """
+    xp = basis.ops.xp
+    craw, M, istar = state
+    at_star = xp.sum(xp.where(basis.idx == istar, basis.val, 0), axis=1, dtype=np.float64)
+    lc = float(xp.sum(lam * craw, dtype=np.float64))
+    return to_numpy(basis.adjoint(lam)) / M - (lc / M**2) * to_numpy(at_star)
 
 
 def _reg(ops, c0, beta):
@@ -251,11 +275,17 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     rho = float(np.clip(opt.rho0, *rb))
     p = np.zeros(basis.m)
     S = np.zeros(0, dtype=np.int64)
-    run = _Run(progress, opt.cosamp_iterations + 2)
+    run = _Run(progress, opt.cosamp_iterations + 1)
     status, message = 0, "converged"
     nit_total = 0
 
-    def make_fun(T, with_kappa=True, with_rho=False, c0_fixed=None):
+    def make_fun(T, with_kappa=True, with_rho=False, c0_fixed=None, normalise=False):
+        """Objective over x = (p_T, κ/KAPPA_SCALE?, ρ?) scaled by 1/J_ref.
+
+        normalise: c0 = Φ_T p / max(Φ_T p) (max(c0) = 1 throughout, §5); with i* the
+        argmax voxel and M the max, ∂c0/∂p_i = φ_i/M − Φp·φ_i(i*)/M², so
+        g_p = Φᵀλ/M − ⟨λ, Φp⟩/M²·φ(i*) (exact wherever the argmax is unique).
+        """
         sub = basis.subset(T) if c0_fixed is None else None
         nT = len(T) if c0_fixed is None else 0
 
@@ -267,11 +297,18 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
 
         def fun(x):
             pT, k, r = unpack(x)
-            c0 = sub.apply(pT) if c0_fixed is None else c0_fixed
+            if c0_fixed is not None:
+                c0 = c0_fixed
+            elif normalise:
+                c0, state = normalised_ic(sub, pT)
+                if c0 is None:
+                    return np.inf, np.zeros_like(x)
+            else:
+                c0 = sub.apply(pT)
             J, lam0, gk, gr, _, _ = obj.evaluate(None, k, r, c0=c0)
             g = []
             if nT:
-                g.append(to_numpy(sub.adjoint(lam0)))
+                g.append(normalised_ic_adjoint(sub, lam0, state) if normalise else to_numpy(sub.adjoint(lam0)))
             if with_kappa:
                 g.append([gk * KAPPA_SCALE])
             if with_rho:
@@ -304,7 +341,7 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
             x0.append([rho])
             bounds.append(tuple(rb))
         res = _lbfgsb(fun, np.concatenate(x0), bounds, opt.subspace_maxiter, run, len(T),
-                      f"CoSaMP {it + 1} subspace solve")
+                      f"CoSaMP {it + 1} subspace solve", ftol=opt.ftol)
         nit_total += res.nit
         pT, kappa, rho = unpack(res.x)
         # hard threshold: s largest per component
@@ -323,25 +360,14 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
         S = S_new
 
     # ---- final solve -------------------------------------------------------------------
+    # c0 = Φp_S rescaled to max 1 (§5); ρ restarted from the best misfit over the grid
     run.phase = opt.cosamp_iterations
-    if len(S) and opt.final == "joint":
-        kappa_cur[0], rho_cur[0] = kappa, rho
-        fun, unpack = make_fun(S, True, True)
-        x0 = np.concatenate([p[S], [kappa / KAPPA_SCALE, rho]])
-        bounds = [(0.0, None)] * len(S) + [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)]
-        res = _lbfgsb(fun, x0, bounds, opt.final_maxiter, run, len(S), "final joint (p_S, κ, ρ) solve")
-        nit_total += res.nit
-        pS, kappa, rho = unpack(res.x)
-        p = np.zeros(basis.m)
-        p[S] = pS
-    # rescale c0 to max 1 (§5) and solve (κ, ρ) with c0 fixed
-    run.phase = opt.cosamp_iterations + 1
     c0 = basis.apply(p)
     cmax = float(xp.max(c0))
     if cmax > 0:
         p = p / cmax
         c0 = c0 / ops.dtype.type(cmax)
-        if opt.final == "reference":
+        if opt.rho_grid:
             best = None
             for r in opt.rho_grid:
                 r = float(np.clip(r, *rb))
@@ -350,13 +376,30 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
                     best = (J, r)
             rho = best[1]
         kappa_cur[0], rho_cur[0] = kappa, rho
-        fun, unpack = make_fun(S, True, True, c0_fixed=c0)
-        maxit = opt.polish_maxiter if opt.final == "joint" else opt.final_maxiter
-        res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, rho]),
-                      [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)], maxit, run, len(S),
-                      "final (κ, ρ) solve with max(c0) = 1")
-        nit_total += res.nit
-        _, kappa, rho = unpack(res.x)
+        kbs = (kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE)
+        if opt.final == "joint":
+            # one L-BFGS-B over (p_S, κ, ρ) with c0 = Φp_S / max(Φp_S): the shape of c0 is
+            # refitted together with ρ, and max(c0) = 1 holds throughout
+            fun, unpack = make_fun(S, True, True, normalise=True)
+            x0 = np.concatenate([p[S], [kappa / KAPPA_SCALE, rho]])
+            bounds = [(0.0, None)] * len(S) + [kbs, tuple(rb)]
+            res = _lbfgsb(fun, x0, bounds, opt.final_maxiter, run, len(S),
+                          "final joint (p_S, κ, ρ) solve, max(c0) = 1", ftol=opt.ftol)
+            nit_total += res.nit
+            pS, kappa, rho = unpack(res.x)
+            p = np.zeros(basis.m)
+            p[S] = pS
+            c0 = basis.apply(p)
+            cmax = float(xp.max(c0))
+            p = p / cmax
+            c0 = c0 / ops.dtype.type(cmax)
+        else:
+            fun, unpack = make_fun(S, True, True, c0_fixed=c0)
+            res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, rho]), [kbs, tuple(rb)],
+                          opt.final_maxiter, run, len(S), "final (κ, ρ) solve with max(c0) = 1",
+                          ftol=opt.ftol)
+            nit_total += res.nit
+            _, kappa, rho = unpack(res.x)
     J, _, _, _, mis, c1 = obj.evaluate(None, kappa, rho, c0=c0, gradient=False)
     run.phase = run.total
     run.report(J / J_ref, 0.0, len(S), f"S.1 done: κ = {kappa:.4g}, ρ = {rho:.4g}, support {len(S)}")
@@ -415,3 +458,71 @@ def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
                           relative_error=misfit.relative_error(c1), nit=res.nit, nfev=obj.nfev,
                           status=0 if res.success else 1, success=bool(res.success),
                           message=str(res.message), history=run.history)
+
+
+def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=None,
+                                   options: SparseICOptions | None = None,
+                                   fine_options: SparseICOptions | None = None, factor: int = 2,
+                                   radius: float = 2.0, progress=None, cancel=None,
+                                   mask=None) -> SparseICResult:
+    """S.1 coarse-to-fine (MODEL.md §6 allows it): the whole S.1 on the grid block-averaged by
+    `factor`, then S.1 on the given grid restricted to the candidates within `radius` coarse
+    voxels of the coarse support, started from the coarse κ, ρ.
+
+    A coarse voxel i is the mean of fine voxels factor·i … factor·i + factor − 1, so a coarse
+    centre x maps to x + (factor − 1)/2 fine voxels.  `options` drive the coarse level,
+    `fine_options` (default: one CoSaMP pass, 6 subspace and 10 final iterations) the fine one.
+    Returns the fine SparseICResult with `coarse` (the coarse result) attached and nfev the
+    total count (coarse evaluations cost ~factor³ less).
+    """
+    opt = options or SparseICOptions()
+    fopt = fine_options or SparseICOptions(**{**opt.__dict__, "cosamp_iterations": 1, "subspace_maxiter": 6,
+                                              "final_maxiter": 10})
+    n, h = ops.n, ops.h
+    if n % factor or (n // factor) < 8:
+        raise ValueError(f"grid {n} cannot be coarsened by {factor}")
+    xp = ops.xp
+    coarse_ops = SpectralOps(n // factor, ops.backend)
+    coarse_fields = [None if f is None else xp.asarray(coarsen(f, factor), dtype=ops.dtype)
+                     for f in (wm, gm, vt, csf, data)]
+    cO = None if O is None else xp.asarray(coarsen(O, factor) > 0.5, dtype=ops.dtype)
+    sub_progress = None
+    if progress is not None:
+        def sub_progress(rec, _p=progress):
+            rec = dict(rec)
+            rec["fraction"] = 0.5 * rec["fraction"]
+            rec["message"] = f"{n // factor}³: " + rec["message"]
+            _p(rec)
+    coarse = solve_sparse_ic(coarse_ops, *coarse_fields, O=cO, options=opt, progress=sub_progress,
+                             cancel=cancel)
+    # fine candidates near the coarse support
+    fields = [xp.asarray(f if f is not None else np.zeros((n, n, n)), dtype=ops.dtype) for f in (wm, gm, vt)]
+    if mask is None:
+        mask = brain_mask(*fields, xp)
+    C = candidate_centres(ops, xp.asarray(data, dtype=ops.dtype), opt.sigma, threshold=0.1)
+    anchors = np.asarray(coarse.centres, dtype=np.float64).reshape(-1, 3) + (factor - 1) / 2 * h
+    if len(C) and len(anchors):
+        dist = np.linalg.norm(C[:, None, :] - anchors[None, :, :], axis=2).min(axis=1)
+        C = C[dist <= radius * factor * h + 1e-9]
+    if len(C) == 0:
+        raise ValueError("no fine-level candidate centre near the coarse support")
+    basis = GaussianBasis(ops, C, opt.sigma, mask)
+    # the fine level starts from the coarse κ and ρ; the final stage re-picks ρ from rho_grid
+    # (coarse κ, ρ are biased: an atom twice as wide with max(c0) = 1 holds ~8× the mass)
+    fopt = SparseICOptions(**{**fopt.__dict__, "kappa0": coarse.kappa, "rho0": coarse.rho})
+    fine_progress = None
+    if progress is not None:
+        def fine_progress(rec, _p=progress):
+            rec = dict(rec)
+            rec["fraction"] = 0.5 + 0.5 * rec["fraction"]
+            rec["iteration"] += len(coarse.history)
+            _p(rec)
+    res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=fopt, progress=fine_progress,
+                          cancel=cancel, basis=basis, mask=mask)
+    res.coarse = coarse
+    res.nfev_fine = res.nfev
+    res.nfev = res.nfev + coarse.nfev
+    for rec in res.history:
+        rec["iteration"] += len(coarse.history)
+    res.history = coarse.history + res.history
+    return res

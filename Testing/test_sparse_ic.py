@@ -8,12 +8,13 @@ import pytest
 import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
-from GBMMassEffectLib.basis import GaussianBasis, brain_mask
+from GBMMassEffectLib.basis import GaussianBasis, brain_mask, candidate_centres
 from GBMMassEffectLib.observation import Misfit
 from GBMMassEffectLib.progress import Cancelled
 from GBMMassEffectLib.reaction_diffusion import ReactionDiffusion
-from GBMMassEffectLib.sparse_ic import (S1Objective, SparseICOptions, coarsen, solve_kappa_rho,
-                                        solve_sparse_ic)
+from GBMMassEffectLib.sparse_ic import (S1Objective, SparseICOptions, coarsen, normalised_ic,
+                                        normalised_ic_adjoint, solve_kappa_rho, solve_sparse_ic,
+                                        solve_sparse_ic_coarse_to_fine)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.taylor import assert_taylor, taylor_test
 from GBMMassEffectLib.tissue import Tissues
@@ -71,6 +72,31 @@ def test_taylor_p_gradient_through_basis():
     assert_taylor(res, min_window=5, label="p")
 
 
+def test_taylor_p_gradient_max_normalised():
+    """Final joint solve: c0 = Φp/max(Φp); its p-gradient (argmax term included) is exact."""
+    n = 16
+    ops = SpectralOps(n, get_backend("cpu", "float64"))
+    h = ops.h
+    x, y, z = ops.coordinates()
+    wm = np.broadcast_to(0.6 + 0.3 * np.sin(x) * np.cos(y), (n, n, n)).copy()
+    centres = np.array([[6, 8, 8], [8, 8, 8], [8, 10, 6], [10, 8, 10]]) * h
+    basis = GaussianBasis(ops, centres, h, np.ones((n, n, n), bool))
+    model = ReactionDiffusion(ops, wm, nt=6, rtol=1e-13)
+    d = model.forward(basis.apply([0.2, 0.7, 0.1, 0.3]), 0.03, 7.0)
+    obj = S1Objective(ops, basis, model, Misfit(ops, d), beta=0.0)
+    p = np.array([0.5, 0.3, 0.4, 0.1])
+    c0, state = normalised_ic(basis, p)
+    assert abs(c0.max() - 1.0) < 1e-14
+    J0, lam0, _, _, _, _ = obj.evaluate(None, 0.03, 7.0, c0=c0)
+    g = normalised_ic_adjoint(basis, lam0, state)
+    assert abs(g @ p) < 1e-8 * np.linalg.norm(g) * np.linalg.norm(p)  # scale invariance
+    dp = np.array([0.3, -0.2, 0.5, 0.4])
+    res = taylor_test(lambda q: obj.evaluate(None, 0.03, 7.0, c0=normalised_ic(basis, q)[0], gradient=False)[0],
+                      float(g @ dp), p, dp, eps0=0.05, levels=9, J0=J0)
+    print("\nTaylor test, p through c0 = Φp/max(Φp)\n" + res.table())
+    assert_taylor(res, min_window=5, label="p normalised")
+
+
 def test_kappa_rho_recovered_with_true_ic():
     """Data from the same model and the true IC: κ and ρ within 5% (24³, nt = 40)."""
     ops, wm, c0, d, _ = _synthetic(24, kappa=0.01, rho=6.0)
@@ -83,7 +109,7 @@ def test_kappa_rho_recovered_with_true_ic():
     assert abs(res.rho - 6.0) < 0.05 * 6.0
 
 
-FAST = SparseICOptions(cosamp_iterations=2, subspace_maxiter=10, final_maxiter=20, polish_maxiter=10)
+FAST = SparseICOptions(cosamp_iterations=2, subspace_maxiter=10, final_maxiter=20)
 
 
 def test_single_source_recovered_within_one_voxel():
@@ -108,6 +134,22 @@ def test_single_source_recovered_within_one_voxel():
                                                      "support", "fraction", "message"}
     assert [r["iteration"] for r in lines] == list(range(1, len(lines) + 1))
     assert lines[-1]["fraction"] == 1.0 and lines[-1]["objective"] < lines[0]["objective"]
+
+
+def test_coarse_to_fine_single_source():
+    """24³ data, S.1 at 12³ then at 24³ on the candidates near the coarse support."""
+    ops, wm, c0, d, centre = _synthetic(24)
+    lines = []
+    res = solve_sparse_ic_coarse_to_fine(ops, wm, None, None, None, d, options=FAST, progress=lines.append)
+    err = np.linalg.norm(_com(ops, res.c0) - _com(ops, c0)) / ops.h
+    print(f"\n12³ → 24³: COM error {err:.3f} voxels, κ {res.kappa:.4f}, ρ {res.rho:.3f}, "
+          f"{res.basis.m} fine candidates, {res.nfev_fine} + {res.coarse.nfev} evaluations")
+    assert res.basis.m < len(candidate_centres(ops, d))
+    # location only: κ, ρ need more fine-level iterations than the capped default gives here
+    assert err < 0.1 and np.linalg.norm(res.centres[np.argmax(res.p)] - centre) < 1e-9
+    assert res.relative_error < 0.5
+    assert [r["iteration"] for r in lines] == list(range(1, len(lines) + 1))
+    assert lines[-1]["fraction"] == 1.0 and any(r["message"].startswith("12³") for r in lines)
 
 
 def _compare_finals(n, options):
@@ -154,44 +196,88 @@ def test_cancel_and_bad_input():
 
 
 def _reference_case(glia_testdata, factor):
+    """patient.nc (tumor counted as wm) and d = patient_tumor.nc (the concentration, as the
+    reference's own example for these files does: scripts/inverse.py, d1 = patient_tumor.nc,
+    no data smoothing), block-averaged by `factor`; the true c0 stays at 64³."""
     labels = _read(glia_testdata / "patient.nc")
     tis = Tissues.from_labels(np, labels, tumor_as="wm", dtype=np.float64)
     wm, gm, vt, csf = (coarsen(a, factor) for a in (tis.wm, tis.gm, tis.vt, tis.csf))
     d = coarsen(_read(glia_testdata / "patient_tumor.nc"), factor)
-    ic = coarsen(_read(glia_testdata / "patient_tumor_IC.nc"), factor)
+    ic = _read(glia_testdata / "patient_tumor_IC.nc").astype(np.float64)
     n = 64 // factor
     ops = SpectralOps(n, get_backend("cpu", "float32"))
     return ops, wm, gm, vt, csf, d, ic
 
 
+H64 = 2 * np.pi / 64
+
+
 def _run_reference(glia_testdata, factor, options):
+    """S.1 on the reference case; figures against the true c0 (patient_tumor_IC.nc, 64³).
+
+    A coarse voxel i is the mean of fine voxels factor·i … factor·i + factor − 1, so its
+    centre lies (factor − 1)/2 fine voxels past factor·i: the coarse centre of mass is shifted
+    by that before comparing, and c0 is brought to 64³ by repetition for the Dice.
+    """
     ops, wm, gm, vt, csf, d, ic = _reference_case(glia_testdata, factor)
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     res = solve_sparse_ic(ops, wm, gm, vt, csf, d, options=options)
-    dist = np.linalg.norm(_com(ops, res.c0) - _com(ops, ic))
-    dice = _dice(np.asarray(res.c0), ic)
-    print(f"\nreference data at {ops.n}³ (64³ coarsened by {factor}): centre-of-mass distance "
-          f"{dist:.4f} domain units = {dist / (2 * np.pi / 64):.2f} voxels of 64³; Dice(c0 > 0.1) "
-          f"{dice:.3f}; κ {res.kappa:.4g}, ρ {res.rho:.4g}; support {res.support.size} of "
-          f"{res.basis.m} candidates in {res.components} component(s); relative misfit "
-          f"{res.relative_error:.3f}; {res.nfev} evaluations, {time.time() - t:.1f} s")
+    wall, cpu = time.time() - t, time.process_time() - cpu
+    c0 = np.asarray(res.c0, dtype=np.float64)
+    com = _com(ops, c0) + (factor - 1) / 2 * H64
+    ops64 = SpectralOps(64, get_backend("cpu", "float64"))
+    dist = np.linalg.norm(com - _com(ops64, ic)) / H64
+    c0_64 = c0.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+    dice = _dice(c0_64, ic)
+    print(f"\nreference data at {ops.n}³ (64³ block-averaged by {factor}): centre-of-mass distance "
+          f"{dist:.2f} voxels of 64³; Dice(c0 > 0.1) {dice:.3f} (at 64³); κ {res.kappa:.4g}, "
+          f"ρ {res.rho:.4g}; support {res.support.size} of {res.basis.m} candidates; relative misfit "
+          f"{res.relative_error:.3f}; {res.nfev} evaluations, {wall:.0f} s wall, {cpu:.0f} s CPU")
     return dist, dice, res
 
 
-LITE = SparseICOptions(cosamp_iterations=1, subspace_maxiter=8, final_maxiter=12, polish_maxiter=6)
+# S.1 defaults (s = 5 per component, final joint solve), capped: one CoSaMP pass.  (The
+# reference's own example for these files, scripts/inverse.py, asks for sparsity 1: the true
+# c0 is one Gaussian, σ = one voxel of 64³; at 32³ a single atom sits on a lattice 4 voxels of
+# 64³ apart, ≥ 2.5 voxels from the true centre, while 5 atoms can interpolate it.)
+REF_32 = SparseICOptions(cosamp_iterations=1, subspace_maxiter=8, final_maxiter=12)
 
 
-def test_reference_data_comparison_32_lite(glia_testdata):
-    """patient.nc / patient_tumor.nc coarsened to 32³, few iterations: c0 vs patient_tumor_IC.nc.
+def test_reference_data_32(glia_testdata):
+    """patient.nc / patient_tumor.nc block-averaged to 32³: c0 against patient_tumor_IC.nc.
 
-    (At 16³ one atom is 4 voxels of 64³ wide, wider than the whole IC: max(c0) = 1 cannot fit.)
+    Measured (2026-11): centre 1.1 voxels of 64³, Dice 0.17, relative misfit 0.13, κ 0.005,
+    ρ 1.1 (ρ is biased low at 32³: an atom twice as wide with max(c0) = 1 holds ~8× the true
+    tumor mass).  Bounds: centre < 1.5 voxels of 64³ (the 32³ candidate lattice is 4 voxels
+    of 64³ apart); relative misfit < 0.25 (the true c0 with its best (κ, ρ) under the §4
+    model only reaches ≈ 0.35 at 64³: the data come from the mass-effect model; the broken
+    solver gave 580); Dice > 0.12 (a 32³ atom's {c0 > 0.1} is ~8× the true one's volume, so
+    Dice ≲ 0.25 at 32³; the 64³ test below checks Dice properly).
     """
-    dist, dice, res = _run_reference(glia_testdata, 2, LITE)
-    assert np.isfinite(dist) and res.support.size >= 1
-    assert dist < 3 * 2 * np.pi / 64  # within three voxels of 64³
+    dist, dice, res = _run_reference(glia_testdata, 2, REF_32)
+    assert res.success and abs(float(np.max(res.c0)) - 1) < 1e-5
+    assert dist < 1.5
+    assert res.relative_error < 0.25
+    assert dice > 0.12
+    assert res.kappa < 0.1 and res.rho < 10  # both moved from their starting values 0.05, 10
 
 
 @pytest.mark.slow
-def test_reference_data_comparison_32(glia_testdata):
-    dist, dice, res = _run_reference(glia_testdata, 2, SparseICOptions(cosamp_iterations=2))
-    assert dist < 2 * 2 * np.pi / 64
+def test_reference_data_64(glia_testdata):
+    """The full-resolution reference case, coarse-to-fine 32³ → 64³ (slow): prints the figures."""
+    ops, wm, gm, vt, csf, d, ic = _reference_case(glia_testdata, 1)
+    t, cpu = time.time(), time.process_time()
+    res = solve_sparse_ic_coarse_to_fine(ops, wm, gm, vt, csf, d, options=REF_32)
+    wall, cpu = time.time() - t, time.process_time() - cpu
+    c0 = np.asarray(res.c0, dtype=np.float64)
+    dist = np.linalg.norm(_com(ops, c0) - _com(ops, ic)) / H64
+    dice = _dice(c0, ic)
+    print(f"\nreference data at 64³ (coarse-to-fine from 32³): centre-of-mass distance {dist:.2f} "
+          f"voxels; Dice(c0 > 0.1) {dice:.3f}; κ {res.kappa:.4g}, ρ {res.rho:.4g} (32³: "
+          f"{res.coarse.kappa:.4g}, {res.coarse.rho:.4g}); support {res.support.size} of {res.basis.m} "
+          f"candidates; relative misfit {res.relative_error:.3f}; {res.nfev_fine} evaluations at 64³ + "
+          f"{res.coarse.nfev} at 32³, {wall:.0f} s wall, {cpu:.0f} s CPU")
+    assert abs(float(np.max(res.c0)) - 1) < 1e-5
+    assert dist < 1.0
+    assert res.relative_error < 0.3
+    assert dice > 0.4
