@@ -370,6 +370,8 @@ class GBMMassEffectJob:
     def summary(self):
         report = self.report or {}
         maxU = report.get("max_u_mm")
+        if maxU is None and isinstance(report.get("mean"), dict):
+            maxU = report["mean"].get("max_u_mm")  # calibration: the mean over the kept atlases
         text = _("{seconds:.0f} s").format(seconds=self.elapsed or 0.0)
         if maxU is not None:
             text += _(", max displacement {mm:.1f} mm").format(mm=maxU)
@@ -536,10 +538,15 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
                              f"(found: {', '.join(found) or 'none'})")
         return self._writeLabelArray(labels, referenceVolume, path)
 
-    @staticmethod
-    def calibrationJobDict(folder, t1Path, tumorLabelsPath, tissueLabelsPath=None, atlasSet="bundled",
-                           grid=128, device="auto", numberOfAtlases=4, seed=0) -> dict:
-        """The job.json of ``calibrate --job DIR`` (ARCHITECTURE.md "The process boundary")."""
+    SOLVER_OPTION_GROUPS = ("s1", "s3", "registration")
+
+    @classmethod
+    def calibrationJobDict(cls, folder, t1Path, tumorLabelsPath, tissueLabelsPath=None, atlasSet="bundled",
+                           grid=128, device="auto", numberOfAtlases=4, seed=0, solverOptions=None) -> dict:
+        """The job.json of ``calibrate --job DIR`` (ARCHITECTURE.md "The process boundary";
+        keys of GBMMassEffectLib.calibrate.CalibrateJob). solverOptions: {"s1": {...},
+        "s3": {...}, "registration": {...}} overrides of the paper's settings (the GUI sends
+        none; tests and scripts send cheap ones); the solver checks the names and values."""
         if int(grid) != grid or grid < 16 or int(grid) % 2:
             raise ValueError(f"resolution must be an even grid size of at least 16 (the GUI offers "
                              f"{', '.join(map(str, RESOLUTIONS))}), got {grid}")
@@ -547,19 +554,26 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
         if int(numberOfAtlases) < 1:
             raise ValueError("number of atlases must be at least 1")
+        options = {} if solverOptions is None else solverOptions
+        if not isinstance(options, dict) or set(options) - set(cls.SOLVER_OPTION_GROUPS) or not all(
+                isinstance(v, dict) for v in options.values()):
+            raise ValueError(f"solver options must map {', '.join(cls.SOLVER_OPTION_GROUPS)} to dicts of "
+                             f"settings, got {options!r}")
         return {
             "command": "calibrate",
             "t1": t1Path,
             "tumor_labels": tumorLabelsPath,
-            "tumor_label_values": {"necrotic": 1, "edema": 2, "enhancing": 4},
+            "tumor_label_values": {"necrotic": cls.BRATS_NECROTIC, "edema": cls.BRATS_EDEMA,
+                                   "enhancing": cls.BRATS_ENHANCING},
             "tissue_labels": tissueLabelsPath,
-            "tissue_label_values": {"gm": 5, "wm": 6, "vt": 7, "csf": 8},
+            "tissue_label_values": dict(cls.TISSUE_LABELS),
             "atlas_set": atlasSet,
             "grid": int(grid),
             "device": device,
             "n_atlases": int(numberOfAtlases),
             "seed": int(seed),
             "out": os.path.join(folder, "out"),
+            "options": json.loads(json.dumps(options)),  # a JSON copy: no caller objects in job.json
         }
 
     # -- process ---------------------------------------------------------------------
@@ -579,8 +593,11 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolume, segmentationNode, coreSegmentId, edemaSegmentId="", enhancingSegmentId="",
                 tissueSegmentation=None, atlasSet="bundled", numberOfAtlases=4, resolution=128, device="auto",
-                seed=0, waitForCompletion=False, eventCallback=None, timeout=None, keepJobFolder=False):
-        """Calibrate: write inputs and job.json, start ``-m GBMMassEffectLib calibrate --job DIR``."""
+                seed=0, waitForCompletion=False, eventCallback=None, timeout=None, keepJobFolder=False,
+                solverOptions=None):
+        """Calibrate: write inputs and job.json, start ``-m GBMMassEffectLib calibrate --job DIR``.
+        atlasSet: "bundled", a folder with atlases.json, or a label-map file. solverOptions:
+        overrides of the paper's solver settings (see calibrationJobDict); None in the GUI."""
         if not inputVolume or not inputVolume.GetImageData():
             raise ValueError("the input T1 volume is missing or empty")
         if not segmentationNode:
@@ -596,7 +613,7 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
                 tissuePath = self.writeTissueLabels(tissueSegmentation, inputVolume,
                                                     os.path.join(inputs, "tissue_labels.nrrd"))
             job = self.calibrationJobDict(folder, t1Path, tumorPath, tissuePath, str(atlasSet), resolution,
-                                          device, numberOfAtlases, seed)
+                                          device, numberOfAtlases, seed, solverOptions)
             with open(os.path.join(folder, "job.json"), "w") as f:
                 json.dump(job, f, indent=2)
         except Exception:
@@ -880,8 +897,9 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
     # -- sample case -----------------------------------------------------------------
     @staticmethod
     def bundledAtlasLabelsPath():
-        """The first atlas label map (``*_labels.*``) of the bundled atlas set
-        (GBMMassEffectLib.resources: <package>/Resources/Atlases, else <repo>/Resources/Atlases)."""
+        """The label map of the bundled atlas set's first atlas (atlases.json order: MNI152
+        at 1.5 mm), else the first ``*_labels.*`` file (GBMMassEffectLib.resources:
+        <package>/Resources/Atlases, else <repo>/Resources/Atlases)."""
         root = pathlib.Path(_libraryParentFolder())
         folders = [root / "GBMMassEffectLib" / "Resources" / "Atlases", root / "Resources" / "Atlases"]
         try:
@@ -890,6 +908,13 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
         except (ImportError, FileNotFoundError):
             pass
         for folder in folders:
+            try:
+                with open(folder / "atlases.json", encoding="utf-8") as f:
+                    first = folder / json.load(f)["atlases"][0]["labels"]
+                if first.is_file():
+                    return str(first)
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                pass
             found = sorted(p for p in folder.glob("*_labels.*") if p.name.endswith((".nrrd", ".nii.gz", ".nii")))
             if found:
                 return str(found[0])
@@ -952,11 +977,23 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
     SPACING = 4.0
     ORIGIN = (61.5, -70.25, 40.0)
     TIMEOUT = 240.0
+    # cut-down solver settings for the calibration test (plumbing, geometry and the process
+    # contract; the recovery is tested in the solver's own tests). The GUI sends none: the
+    # paper's settings.
+    CHEAP_OPTIONS = {
+        "s1": {"cosamp_iterations": 1, "subspace_maxiter": 3, "final_maxiter": 3, "nt": 10},
+        "s3": {"maxiter": 2, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2},
+        "registration": {"iterations": 6, "affine_iterations": 15, "spacing_mm": 8.0},
+    }
+    # T1-like intensities of the test atlas (GBMMassEffectLib.presets.T1_INTENSITY)
+    ATLAS_T1 = {"gm": 650.0, "wm": 900.0, "vt": 350.0, "csf": 350.0}
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        self.setUp()
+        self.test_CalibrateEndToEnd()
         self.setUp()
         self.test_SimulateEndToEnd()
         self.setUp()
@@ -1035,7 +1072,97 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(ma, mb, atol=1e-4, err_msg=f"{node.GetName()} lost the input geometry")
         self.assertEqual(node.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions())
 
+    def writeAtlasFolder(self, labelNode, folder, name="test32"):
+        """A one-atlas set in folder: the label map, a T1-like image of it, atlases.json."""
+        import numpy as np
+        labels = slicer.util.arrayFromVolume(labelNode)
+        t1 = np.zeros(labels.shape, np.float32)
+        for tissue, value in GBMMassEffectLogic.TISSUE_LABELS.items():
+            t1[labels == value] = self.ATLAS_T1[tissue]
+        t1Node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "__gbm_atlas_t1__")
+        try:
+            slicer.util.updateVolumeFromArray(t1Node, t1)
+            t1Node.CopyOrientation(labelNode)
+            os.makedirs(folder, exist_ok=True)
+            GBMMassEffectLogic.writeNode(labelNode, os.path.join(folder, f"{name}_labels.nrrd"))
+            GBMMassEffectLogic.writeNode(t1Node, os.path.join(folder, f"{name}_t1.nrrd"))
+        finally:
+            slicer.mrmlScene.RemoveNode(t1Node)
+        with open(os.path.join(folder, "atlases.json"), "w") as f:
+            json.dump({"description": "GBMMassEffect self-test atlas",
+                       "atlases": [{"name": name, "labels": f"{name}_labels.nrrd", "t1": f"{name}_t1.nrrd",
+                                    "source": "test", "synthetic": True}]}, f)
+        return folder
+
     # -- tests -----------------------------------------------------------------------
+    def test_CalibrateEndToEnd(self):
+        """The main path: a T1 and BraTS tumor segments in, `calibrate` run as a process,
+        predicted tumor, |u| and the parameter table loaded on the T1's geometry."""
+        import numpy as np
+        self.delayDisplay("GBMMassEffect: calibration through the Logic on a 32³ synthetic case")
+        labels = self.makeLabelVolume()
+        logic = GBMMassEffectLogic()
+        t1, segmentation = logic.createSyntheticPatient(labels, preset="tc-b", resolution=self.GRID, device="cpu",
+                                                        timeout=self.TIMEOUT)
+        seg = segmentation.GetSegmentation()
+        necrotic, edema, enhancing = (seg.GetSegmentIdBySegmentName(n) for n in ("necrotic", "edema", "enhancing"))
+        self.assertTrue(necrotic)
+        atlasFolder = self.writeAtlasFolder(labels, os.path.join(logic.createJobFolder("atlases"), "atlases"))
+        events = []
+        try:
+            job = logic.process(t1, segmentation, necrotic, edema, enhancing, atlasSet=atlasFolder,
+                                numberOfAtlases=1, resolution=self.GRID, device="cpu", waitForCompletion=True,
+                                timeout=self.TIMEOUT, eventCallback=lambda j, e: events.append(e),
+                                solverOptions=self.CHEAP_OPTIONS)
+        finally:
+            shutil.rmtree(os.path.dirname(atlasFolder), ignore_errors=True)
+        self.assertEqual(job.state, job.COMPLETED, job.errorMessage)
+        self.assertEqual(job.returncode, 0)
+        self.assertFalse(os.path.exists(job.folder))
+        stages = {e.get("stage") for e in events if e["event"] == "progress"}
+        self.assertTrue({"S.1", "S.2", "S.3"} <= stages, stages)
+        fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertAlmostEqual(job.fraction, 1.0)
+
+        tumor, norm = job.nodes["tumor"], job.nodes["displacementNorm"]
+        for node in (tumor, norm, job.nodes["initialCondition"]):
+            self.assertSameGeometry(node, t1)
+        self.assertIsNotNone(job.nodes["displacement"].GetTransformFromParent())
+        c = slicer.util.arrayFromVolume(tumor)
+        self.assertTrue(np.isfinite(c).all())
+        self.assertGreaterEqual(float(c.min()), 0.0)
+        self.assertLessEqual(float(c.max()), 1.0 + 1e-6)
+        self.assertGreater(float(c.max()), 0.1)  # a tumor was predicted
+        # the predicted tumor lies on the segmented one: its peak is inside the tumor's labels
+        tumorMask = logic._segmentMask(segmentation, necrotic, t1)
+        if edema:
+            tumorMask |= logic._segmentMask(segmentation, edema, t1)
+        self.assertTrue(tumorMask[np.unravel_index(int(np.argmax(c)), c.shape)])
+        u = slicer.util.arrayFromVolume(norm)
+        self.assertTrue(np.isfinite(u).all())
+        self.assertGreaterEqual(float(u.min()), 0.0)
+        self.assertLess(float(u.max()), 60.0)  # mm
+        # report and table: one row per atlas, then mean and std
+        report = job.report
+        self.assertEqual([a["name"] for a in report["atlases"]], ["test32"])
+        self.assertIn("displacement_norm_std.nrrd", report["outputs"])
+        table = job.nodes["table"]
+        self.assertEqual(table.GetNumberOfRows(), 3)
+        self.assertEqual([table.GetCellText(r, 0) for r in range(3)], ["test32", "mean", "std"])
+        entry = report["atlases"][0]
+        for column, key in ((1, "kappa"), (2, "rho"), (3, "gamma")):
+            value = float(table.GetCellText(0, column))  # the table's text has ~6 digits
+            self.assertAlmostEqual(value, entry[key], delta=1e-4 * max(1e-3, abs(entry[key])))
+            self.assertAlmostEqual(float(table.GetCellText(1, column)), value, delta=1e-4 * max(1e-3, abs(value)))
+            self.assertAlmostEqual(float(table.GetCellText(2, column)), 0.0)  # one atlas: std 0
+        self.assertGreater(entry["kappa"], 0.0)
+        self.assertGreater(entry["rho"], 0.0)
+        self.assertGreaterEqual(entry["gamma"], 0.0)
+        self.assertGreaterEqual(float(table.GetCellText(0, 4)), 0.0)
+        self.assertIn("max displacement", job.summary())
+        self.delayDisplay("Calibration loaded with the input geometry")
+
     def test_SimulateEndToEnd(self):
         import numpy as np
         self.delayDisplay("GBMMassEffect: forward run through the Logic on a 32³ synthetic case")

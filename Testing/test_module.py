@@ -61,6 +61,9 @@ def test_parameter_node(gbm):
     p = logic.getParameterNode()
     assert p.resolution == 128 and p.numberOfAtlases == 4 and p.device == module.Device.AUTO
     assert p.useBundledAtlases
+    # the GUI path sends no solver options: the paper's settings
+    import inspect
+    assert inspect.signature(logic.process).parameters["solverOptions"].default is None
     p.resolution = 64
     p.device = module.Device.CPU
     with pytest.raises(ValueError):
@@ -115,7 +118,8 @@ def test_calibration_job_inputs(gbm, selfTest, tmp_path):
     assert job == {"command": "calibrate", "t1": "t1.nrrd", "tumor_labels": path,
                    "tumor_label_values": {"necrotic": 1, "edema": 2, "enhancing": 4}, "tissue_labels": None,
                    "tissue_label_values": {"gm": 5, "wm": 6, "vt": 7, "csf": 8}, "atlas_set": "bundled",
-                   "grid": 128, "device": "cpu", "n_atlases": 3, "seed": 7, "out": os.path.join(folder, "out")}
+                   "grid": 128, "device": "cpu", "n_atlases": 3, "seed": 7, "out": os.path.join(folder, "out"),
+                   "options": {}}
     with pytest.raises(ValueError, match="resolution"):
         logic.calibrationJobDict(folder, "a", "b", grid=33)
     assert logic.calibrationJobDict(folder, "a", "b", grid=32)["grid"] == 32  # tests run at 32³
@@ -123,16 +127,33 @@ def test_calibration_job_inputs(gbm, selfTest, tmp_path):
         logic.calibrationJobDict(folder, "a", "b", device="tpu")
     with pytest.raises(ValueError, match="core"):
         logic.writeTumorLabels(seg, t1, "")
+    with pytest.raises(ValueError, match="solver options"):
+        logic.calibrationJobDict(folder, "a", "b", solverOptions={"s4": {}})
 
     # the real calibrate entry point: start it and check what it was given
+    cheap = module.GBMMassEffectTest.CHEAP_OPTIONS
     started = logic.process(t1, seg, coreId, edemaId, resolution=64, device="cpu", numberOfAtlases=2,
-                            keepJobFolder=True)
+                            keepJobFolder=True, solverOptions=cheap)
     try:
         with open(os.path.join(started.folder, "job.json")) as f:
             written = json.load(f)
         assert written["grid"] == 64 and written["n_atlases"] == 2 and written["device"] == "cpu"
         assert os.path.isfile(written["t1"]) and os.path.isfile(written["tumor_labels"])
         assert started.args[-3:] == ["calibrate", "--job", started.folder]
+        assert written["options"] == cheap and written["out"] == os.path.join(started.folder, "out")
+        assert written["tumor_labels"].startswith(started.folder)
+        # the solver reads this job.json as it is: same keys, values, label values and out
+        from GBMMassEffectLib.calibrate import DEFAULT_TISSUE_VALUES, DEFAULT_TUMOR_VALUES, CalibrateJob
+        parsed = CalibrateJob.from_job_dir(started.folder)
+        parsed.validate()
+        full = parsed.to_dict()
+        assert set(written) <= set(full)  # no key the solver does not know (it would refuse them)
+        assert {k: full[k] for k in written} == written
+        assert full["predict_times"] == [] and full["atlases"] is None  # the rest: solver defaults
+        assert parsed.tumor_label_values == DEFAULT_TUMOR_VALUES
+        assert parsed.tissue_label_values == DEFAULT_TISSUE_VALUES
+        assert parsed.s3_options().maxiter == 2 and parsed.s3_options().hessian is False
+        assert parsed.s1_options().cosamp_iterations == 1
         t1back = logic.readVolume(written["t1"], "t1back")
         selfTest.assertSameGeometry(t1back, t1)
     finally:
@@ -166,6 +187,12 @@ def test_displacement_transform_convention(gbm, tmp_path):
 
 def test_parameter_rows(selfTest):
     selfTest.test_ParameterRows()
+
+
+def test_end_to_end_calibrate(selfTest):
+    """GBMMassEffectTest.test_CalibrateEndToEnd: `calibrate` as a process at n = 32, one
+    atlas, cut-down solver settings; outputs on the T1's geometry, table rows."""
+    selfTest.test_CalibrateEndToEnd()
 
 
 def test_end_to_end_simulate(selfTest):
