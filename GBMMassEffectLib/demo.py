@@ -12,7 +12,7 @@
 3. A short summary (recovered vs true κ, ρ, γ, max|u|; where the outputs are) printed to
    stdout and saved as OUT/demo_summary.json.
 
-Default: grid 32 (8 mm box voxels), S.3 with its MODEL §6 settings but at most 20
+Default: grid 32 (8 mm box voxels), S.3 with its MODEL §6 settings but at most 8
 iterations and no Hessian, registration on 4 mm grids: the setting sized to finish
 within 10 minutes on 2 CPU cores. --full: the paper setting, grid 128 on a CPU (256
 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
@@ -30,6 +30,12 @@ from dataclasses import dataclass
 from . import progress as pg
 
 TRUE_ATLAS = "mni152"
+#: S.3 iteration cap of the default demo. Budget (2 free cores, grid 32, from measured CPU
+#: costs: one forward solve 3.2 s, S.1 ~150 s, a registration ~15 s, the simulation ~25 s):
+#: 3 atlases x ~45 forward solves (8 L-BFGS-B iterations of ~5 solves) ≈ 430 core-s,
+#: run 4-wide by S.3's finite differences ≈ 250 s, plus ~250 s of mostly serial work
+#: ≈ 8.5 minutes. 20 iterations were measured to exceed 10 minutes.
+DEFAULT_S3_MAXITER = 8
 
 
 @dataclass
@@ -95,6 +101,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     out = os.path.abspath(opt.out)
     say(f"GBMMassEffect demo: synthetic patient (preset {opt.preset}) from atlas '{true.name}', grid {grid}")
 
+    outs.sets.append(CalibrateOutputs(out))  # removes OUT itself on rollback when this run made it
     # 1. synthetic patient
     pdir = os.path.join(out, "patient")
     pset = CalibrateOutputs(pdir)
@@ -122,7 +129,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     else:
         others = [c.atlas.name for c in select_atlases([a for a in aset if a.name != true.name], vt_ml,
                                                        max_atlases=opt.n_others, min_atlases=opt.n_others).choices]
-        options = {"s3": {"maxiter": 20, "hessian": False}}
+        options = {"s3": {"maxiter": DEFAULT_S3_MAXITER, "hessian": False}}
     if opt.options is not None:
         options = opt.options
     names = [true.name] + others
