@@ -34,6 +34,11 @@ Stages:
 Atlases run one after the other; S.3 already runs its four finite-difference solves
 concurrently (options.s3.workers).
 
+Atlases whose run fails (registration or S.3 error) are recorded and dropped, not fatal.
+If every atlas meets a dropping rule, the summary and volumes use all atlases with a
+result and report.json says so (summary.basis); if none has a result the run fails
+(exit 1, one error line listing each atlas's reason). See aggregate.py.
+
 Outputs (through an OutputSet: atomic, removed on failure or cancel; report.json last):
 predicted_tumor.nrrd, displacement_norm.nrrd (mm), displacement_norm_std.nrrd,
 displacement.nrrd (LPS mm vectors; the same convention as simulate: deformed(x) ≈
