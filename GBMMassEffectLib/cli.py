@@ -273,11 +273,10 @@ def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
 
 
 def _exit_code_for(exc: BaseException) -> int:
+    from .aggregate import AllAtlasesFailed
     from .backend import DeviceError
     from .geometry import GeometryError
     from .io import ImageIOError
-
-    from .aggregate import AllAtlasesFailed
 
     if isinstance(exc, AllAtlasesFailed):
         return pg.EXIT_FAILURE
