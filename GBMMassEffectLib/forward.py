@@ -32,7 +32,7 @@ from .advection import SemiLagrangian
 from .diffusion import CrankNicolson
 from .elasticity import Elasticity, ElasticityCoefficients, FFTMeter
 from .progress import Cancelled
-from .reaction import logistic_step
+from .reaction import logistic_step_nonnegative
 from .spectral import SpectralOps
 from .tissue import Tissues
 
@@ -283,7 +283,7 @@ def run_forward(ops: SpectralOps, tissue: Tissues, c0, params: ForwardParams,
         stats.seconds_diffusion += time.perf_counter() - t0
         # 5. reaction
         t0 = time.perf_counter()
-        c = logistic_step(xp, c, rho, dt).astype(dtype, copy=False)
+        c = logistic_step_nonnegative(xp, c, rho, dt).astype(dtype, copy=False)
         stats.seconds_other += time.perf_counter() - t0
         # 6.–7. elasticity and velocity
         if mass_effect:

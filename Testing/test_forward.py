@@ -81,14 +81,16 @@ def test_gamma_zero_is_lie_split_reaction_diffusion():
     p = ForwardParams(kappa=0.02, rho=9.0, gamma=0.0, r_k=0.2, r_rho=0.5)
     res = run_forward(ops, tissues, c0, p)
     assert not np.any(res.u) and not np.any(res.v)
-    # hand-written Lie split: filter, then 26 × (CN diffusion dt, exact logistic dt)
+    # hand-written Lie split: filter, then 26 × (CN diffusion dt, exact logistic dt on c ≥ 0;
+    # spectral undershoots c < 0 are not grown, see reaction.logistic_step_nonnegative)
     wm, gm = tissues.wm * (1 - c0), tissues.gm * (1 - c0)
     frac = lambda r: np.maximum(0, 1 - tissues.bg - (1 - r) * gm - tissues.vt - tissues.csf)  # noqa: E731
     k, rho = p.kappa * frac(p.r_k), p.rho * frac(p.r_rho)
     c = c0.copy()
     for _ in range(26):
         c = CrankNicolson(ops, k, p.dt, rtol=1e-6).step(c)
-        c = logistic_step(np, c, rho, p.dt)
+        neg = np.minimum(c, 0)
+        c = logistic_step(np, c - neg, rho, p.dt) + neg
     assert np.abs(res.c - c).max() <= 1e-13
     assert np.array_equal(res.tissues.wm, wm) and np.array_equal(res.tissues.vt, tissues.vt)
     assert res.stats.total_elasticity_iterations == 0
@@ -144,3 +146,24 @@ def test_bad_input_messages():
         ForwardParams(kappa=0.01, rho=8.0, gamma=1.0, dt=0.0)
     with pytest.raises(ValueError, match="finite"):
         ForwardParams(kappa=float("nan"), rho=8.0, gamma=1.0)
+
+
+def test_negative_undershoots_are_not_grown_into_the_logistic_pole():
+    """The exact logistic on c < 0 multiplies by ≈ e^{ρdt} per step towards its pole at
+    c = −1/(e^{ρdt} − 1); the forward model leaves negative values ungrown (exact for c ≥ 0)."""
+    from GBMMassEffectLib.reaction import logistic_step_nonnegative
+
+    c = np.array([-0.3, -1e-3, 0.0, 1e-3, 0.5, 1.0])
+    out = logistic_step_nonnegative(np, c, 15.0, 0.04)
+    np.testing.assert_array_equal(out[:2], c[:2])
+    np.testing.assert_allclose(out[2:], logistic_step(np, c[2:], 15.0, 0.04), rtol=1e-15)
+    # iterating the plain logistic from an undershoot of −0.3 at ρ = 15 reaches the pole
+    x = np.array(-0.3)
+    with np.errstate(all="ignore"):
+        for _ in range(26):
+            x = logistic_step(np, x, 15.0, 0.04)
+    assert not (np.isfinite(x) and abs(x) < 1)
+    ops, tissues, c0 = _small_tissues()
+    res = run_forward(ops, tissues, c0, ForwardParams(kappa=0.05, rho=15.0, gamma=0.0))
+    # spectral over- and undershoots stay small (c slightly above 1 decays under the logistic)
+    assert np.all(np.isfinite(res.c)) and res.c.min() > -0.2 and res.c.max() < 1.01
