@@ -1,13 +1,13 @@
 """Render the README picture headlessly: a synthetic patient, the module's overlays.
 
 Runs the GBMMassEffect Logic (slicer-core + the project's stand-in, Testing/slicer_stub)
-outside Slicer: a synthetic patient from the reference atlas (Testing/Data/glia-testdata,
-64³ at 4 mm) by a forward run of paper preset TC(d), then the module's result loading
+outside Slicer: a synthetic patient from the bundled MNI152 atlas (1.5 mm) by a forward run
+of a paper preset (TC(c) by default) at 128³, then the module's result loading
 (predicted tumor as foreground with its colour map and threshold, |u| in mm as the next
 overlay layer with its colour map), rendered by vtkMRMLSliceLogic (the same slice pipeline
 Slicer's views use, offscreen: no render window) and written with a colour legend for |u|.
 
-    python scripts/render_overlay.py [--out Resources/Screenshots/overlays.png] [--grid 64]
+    python scripts/render_overlay.py [--out Resources/Screenshots/overlays.png] [--grid 128] [--labels FILE] [--preset tc-c]
 """
 from __future__ import annotations
 
@@ -51,7 +51,11 @@ def lookup_rgb(colorNode, values, vmin, vmax):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "Resources" / "Screenshots" / "overlays.png"))
-    ap.add_argument("--grid", type=int, default=64)
+    ap.add_argument("--grid", type=int, default=128)
+    ap.add_argument("--labels", default=str(REPO / "Resources" / "Atlases" / "mni152_labels.nrrd"),
+                    help="tissue label map (5 gm, 6 wm, 7 vt, 8 csf); default the bundled MNI152 "
+                         "atlas; 'glia' uses the 64³ reference test atlas at 4 mm")
+    ap.add_argument("--preset", default="tc-c", choices=["tc-a", "tc-b", "tc-c", "tc-d"])
     ap.add_argument("--size", type=int, default=384)
     args = ap.parse_args(argv)
 
@@ -65,12 +69,16 @@ def main(argv=None):
     test = module.GBMMassEffectTest()
     logic = module.GBMMassEffectLogic()
 
-    with scipy.io.netcdf_file(REPO / "Testing" / "Data" / "glia-testdata" / "atlas.nc", "r", mmap=False) as f:
-        atlas = np.rint(f.variables["data"].data.astype(np.float32)).astype(np.uint8)
-    labels = test.makeLabelVolume(atlas, "atlas labels")
-    # one forward run of preset TC(d) gives the synthetic patient (T1) and the overlays
-    job = logic.simulate(labels, preset="tc-d", resolution=args.grid, device="cpu",
-                         waitForCompletion=True, timeout=600, keepJobFolder=True)
+    if args.labels == "glia" or not os.path.exists(args.labels):
+        with scipy.io.netcdf_file(REPO / "Testing" / "Data" / "glia-testdata" / "atlas.nc", "r",
+                                  mmap=False) as f:
+            atlas = np.rint(f.variables["data"].data.astype(np.float32)).astype(np.uint8)
+        labels = test.makeLabelVolume(atlas, "atlas labels")
+    else:
+        labels = logic.readVolume(args.labels, "atlas labels")
+    # one forward run of the preset gives the synthetic patient (T1) and the overlays
+    job = logic.simulate(labels, preset=args.preset, resolution=args.grid, device="cpu",
+                         waitForCompletion=True, timeout=3600, keepJobFolder=True)
     if job.state != job.COMPLETED:
         raise SystemExit(f"forward run failed: {job.errorMessage}")
     t1 = logic.readVolume(os.path.join(job.outputFolder, "t1.nrrd"), "synthetic patient T1")
