@@ -872,7 +872,10 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         if shNode is None:
             return
-        parent = shNode.GetItemParent(shNode.GetItemByDataNode(referenceVolume))
+        item = shNode.GetItemByDataNode(referenceVolume)
+        if not item:
+            return
+        parent = shNode.GetItemParent(item)
         if not parent:
             return
         for node in nodes:
