@@ -120,6 +120,25 @@ class _Reporter:
             raise RegistrationCancelled("S.2 registration cancelled")
 
 
+
+def _execute(R, fixed, moving, rep, iterations: int, every: int, label: str) -> None:
+    """Run an ImageRegistrationMethod, reporting every `every` iterations and stopping it
+    (RegistrationCancelled) as soon as cancel() is true."""
+    state = {"cancelled": False, "it": 0}
+
+    def on_iter():
+        state["it"] += 1
+        if rep.cancelled():
+            state["cancelled"] = True
+            R.StopRegistration()
+        elif state["it"] % every == 0:
+            rep(min(state["it"] / (2.0 * iterations), 1.0), f"{label}: metric {R.GetMetricValue():.4g}")
+
+    R.AddCommand(sitk.sitkIterationEvent, on_iter)
+    R.Execute(fixed, moving)
+    if state["cancelled"]:
+        raise RegistrationCancelled("S.2 registration cancelled")
+
 def _require_image(img, name: str) -> sitk.Image:
     if not isinstance(img, sitk.Image):
         raise RegistrationError(f"{name}: expected a SimpleITK image, got {type(img).__name__}")
@@ -245,20 +264,7 @@ def _affine_registration(fixed, moving, moving_mask, *, metric, iterations, rep,
     R.SetSmoothingSigmasPerLevel([1.0, 0.0])
     R.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     R.SetInitialTransform(tx, inPlace=True)
-    state = {"cancelled": False, "it": 0}
-
-    def on_iter():
-        state["it"] += 1
-        if rep.cancelled():
-            state["cancelled"] = True
-            R.StopRegistration()
-        elif state["it"] % 10 == 0:
-            rep(min(state["it"] / (2.0 * iterations), 1.0), f"affine: metric {R.GetMetricValue():.4g}")
-
-    R.AddCommand(sitk.sitkIterationEvent, on_iter)
-    R.Execute(fixed, moving)
-    if state["cancelled"]:
-        raise RegistrationCancelled("S.2 registration cancelled")
+    _execute(R, fixed, moving, rep, iterations, every=10, label="affine")
     return tx, {"affine": float(R.GetMetricValue())}
 
 
@@ -358,20 +364,7 @@ def _bspline(fixed, moving, moving_mask, *, iterations, mesh_mm, rep, seed=7):
     R.SetSmoothingSigmasPerLevel([1.0, 0.0])
     R.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     R.SetInitialTransform(tx, inPlace=True)
-    state = {"cancelled": False, "it": 0}
-
-    def on_iter():
-        state["it"] += 1
-        if rep.cancelled():
-            state["cancelled"] = True
-            R.StopRegistration()
-        elif state["it"] % 5 == 0:
-            rep(min(state["it"] / (2.0 * iterations), 1.0), f"B-spline: metric {R.GetMetricValue():.4g}")
-
-    R.AddCommand(sitk.sitkIterationEvent, on_iter)
-    R.Execute(fixed, moving)
-    if state["cancelled"]:
-        raise RegistrationCancelled("S.2 registration cancelled")
+    _execute(R, fixed, moving, rep, iterations, every=5, label="B-spline")
     field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, fixed.GetSize(),
                                               fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
     return field, float(R.GetMetricValue())

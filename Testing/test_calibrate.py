@@ -10,7 +10,6 @@ test_mass_effect_inversion.py and test_sparse_ic.py for that)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -25,6 +24,9 @@ import SimpleITK as sitk
 
 from GBMMassEffectLib import aggregate
 from GBMMassEffectLib.calibrate import CalibrateJob, InputError
+from cli_helpers import assert_one_line_error as one_line_error
+from cli_helpers import cli_env as _env
+from cli_helpers import run_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUTS = ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement_norm_std.nrrd",
@@ -36,29 +38,6 @@ CHEAP = {
 }
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("GBM_FFT_WORKERS", "2")
-    return env
-
-
-def run_cli(*args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "GBMMassEffectLib", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
-    events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is JSON
-    return proc, events
-
-
-def one_line_error(proc, events, code=2, match=None):
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    errors = [e for e in events if e["event"] == "error"]
-    assert len(errors) == 1 and events[-1] is errors[0]
-    assert "\n" not in errors[0]["message"]
-    if match:
-        assert match in errors[0]["message"], errors[0]["message"]
-    return errors[0]["message"]
 
 
 def _write(arr, path, like=None, spacing=4.0, direction=None, origin=None):
