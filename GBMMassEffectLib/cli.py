@@ -22,7 +22,7 @@ Outputs: predicted_tumor, displacement_norm (mm), displacement_norm_std, displac
 (LPS mm), initial_condition (.nrrd, patient grid), atlas_<name>/, report.json last.
 
 demo: a synthetic patient (preset tc-b) from the bundled atlas set, calibrated with the
-true atlas and two others at grid 32 (demo.py); human-readable lines unless --json;
+true atlas and one other at grid 32 (demo.py); human-readable lines unless --json;
 --full selects the paper setting; outputs in ./gbm-demo-output by default.
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def _add_calibrate(sub) -> None:
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="synthetic patient from the bundled atlas set, then calibrate",
                        description="Build a synthetic patient (preset tc-b) from one bundled atlas and "
-                                   "calibrate it with the true atlas and two others; prints a summary. "
+                                   "calibrate it with the true atlas and one other; prints a summary. "
                                    "Default: grid 32, about 10 minutes on 2 CPU cores.")
     d.add_argument("--out", default="gbm-demo-output", help="output folder (default ./gbm-demo-output)")
     d.add_argument("--full", action="store_true", help="the paper setting: grid 128 (256 on a GPU), up to 8 atlases")

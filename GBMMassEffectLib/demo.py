@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from . import progress as pg
 
 TRUE_ATLAS = "mni152"
-#: S.3 iteration cap of the default demo. Budget (2 free cores, grid 32, from measured CPU
-#: costs: one forward solve 3.2 s, S.1 ~150 s, a registration ~15 s, the simulation ~25 s):
-#: 3 atlases x ~45 forward solves (8 L-BFGS-B iterations of ~5 solves) ≈ 430 core-s,
-#: run 4-wide by S.3's finite differences ≈ 250 s, plus ~250 s of mostly serial work
-#: ≈ 8.5 minutes. 20 iterations were measured to exceed 10 minutes.
+#: S.3 iteration cap of the default demo. Budget (2 cores, grid 32): measured with S.3 in
+#: float64 and 3 atlases, 12.1 min wall / 11.4 min CPU on a heavily loaded 2-core machine
+#: (S.1 ~175 s, each atlas's S.2 + S.3 ~170 s); so the default calibrates with the true
+#: atlas plus ONE other (≈ 9 min CPU, a few minutes less on free cores). 20 iterations were
+#: measured to exceed 10 minutes.
 DEFAULT_S3_MAXITER = 8
 
 
@@ -48,7 +48,7 @@ class DemoOptions:
     seed: int = 0
     text: bool = True  # human-readable lines on stdout (JSON lines when False)
     atlas_set: str = "bundled"  # or a manifest folder (its atlases need no T1)
-    n_others: int = 2  # atlases besides the true one (default setting)
+    n_others: int = 1  # atlases besides the true one (default setting; --full: up to 7)
     options: dict | None = None  # solver options replacing the defaults' (tests: cheap settings)
 
 
