@@ -191,6 +191,17 @@ class _Run:
             self.progress(dict(rec))
 
 
+def _best_rho(obj: "S1Objective", kappa: float, c0, grid, rho_bounds) -> float:
+    """ρ of the best misfit over the grid (§6: the reference starts ρ from {3, 6, 9, 10, 12, 15})."""
+    best = None
+    for r in grid:
+        r = float(np.clip(r, *rho_bounds))
+        J = obj.evaluate(None, kappa, r, c0=c0, gradient=False)[0]
+        if best is None or J < best[0]:
+            best = (J, r)
+    return best[1]
+
+
 def _lbfgsb(fun, x0, bounds, maxiter, run: _Run, support: int, label: str, ftol: float = 1e-6):
     """scipy L-BFGS-B with jac=True, one progress line per iteration."""
     cache = {}
@@ -368,13 +379,7 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
         p = p / cmax
         c0 = c0 / ops.dtype.type(cmax)
         if opt.rho_grid:
-            best = None
-            for r in opt.rho_grid:
-                r = float(np.clip(r, *rb))
-                J = obj.evaluate(None, kappa, r, c0=c0, gradient=False)[0]
-                if best is None or J < best[0]:
-                    best = (J, r)
-            rho = best[1]
+            rho = _best_rho(obj, kappa, c0, opt.rho_grid, rb)
         kappa_cur[0], rho_cur[0] = kappa, rho
         kbs = (kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE)
         if opt.final == "joint":
@@ -438,18 +443,13 @@ def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
     kb, rb = opt.kappa_bounds, opt.rho_bounds
     kappa = float(np.clip(opt.kappa0, *kb))
     run = _Run(progress, 1)
-    best = None
-    for r in opt.rho_grid:
-        r = float(np.clip(r, *rb))
-        J = obj.evaluate(None, kappa, r, c0=c0, gradient=False)[0]
-        if best is None or J < best[0]:
-            best = (J, r)
+    rho0 = _best_rho(obj, kappa, c0, opt.rho_grid, rb) if opt.rho_grid else float(np.clip(opt.rho0, *rb))
 
     def fun(x):
         J, _, gk, gr, _, _ = obj.evaluate(None, x[0] * KAPPA_SCALE, x[1], c0=c0)
         return J / J_ref, np.array([gk * KAPPA_SCALE, gr]) / J_ref
 
-    res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, best[1]]),
+    res = _lbfgsb(fun, np.array([kappa / KAPPA_SCALE, rho0]),
                   [(kb[0] / KAPPA_SCALE, kb[1] / KAPPA_SCALE), tuple(rb)], opt.final_maxiter, run, 0,
                   "(κ, ρ) solve, c0 fixed", ftol=1e-9)
     kappa, rho = float(res.x[0] * KAPPA_SCALE), float(res.x[1])

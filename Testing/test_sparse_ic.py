@@ -50,8 +50,8 @@ def _dice(a, b, t=0.1):
     return 2.0 * np.sum(A & B) / max(1, A.sum() + B.sum())
 
 
-def test_taylor_p_gradient_through_basis():
-    """∂J/∂p = Φᵀ(λ0 + βh³Φp) incl. β, in float64 with tight PCG: ε² decay."""
+def _taylor_case(beta):
+    """16³, float64, tight PCG: four atoms, data from known p, and the S.1 objective."""
     n = 16
     ops = SpectralOps(n, get_backend("cpu", "float64"))
     h = ops.h
@@ -61,8 +61,13 @@ def test_taylor_p_gradient_through_basis():
     basis = GaussianBasis(ops, centres, h, np.ones((n, n, n), bool))
     model = ReactionDiffusion(ops, wm, nt=6, rtol=1e-13)
     d = model.forward(basis.apply([0.2, 0.7, 0.1, 0.3]), 0.03, 7.0)
-    obj = S1Objective(ops, basis, model, Misfit(ops, d), beta=1e-2)
-    p = np.array([0.5, 0.3, 0.4, 0.1])
+    obj = S1Objective(ops, basis, model, Misfit(ops, d), beta=beta)
+    return basis, obj, np.array([0.5, 0.3, 0.4, 0.1])
+
+
+def test_taylor_p_gradient_through_basis():
+    """∂J/∂p = Φᵀ(λ0 + βh³Φp) incl. β, in float64 with tight PCG: ε² decay."""
+    basis, obj, p = _taylor_case(beta=1e-2)
     J0, lam0, _, _, _, _ = obj.evaluate(p, 0.03, 7.0)
     g = obj.gradient_p(lam0)
     dp = np.array([0.3, -0.2, 0.5, 0.4])
@@ -74,17 +79,7 @@ def test_taylor_p_gradient_through_basis():
 
 def test_taylor_p_gradient_max_normalised():
     """Final joint solve: c0 = Φp/max(Φp); its p-gradient (argmax term included) is exact."""
-    n = 16
-    ops = SpectralOps(n, get_backend("cpu", "float64"))
-    h = ops.h
-    x, y, z = ops.coordinates()
-    wm = np.broadcast_to(0.6 + 0.3 * np.sin(x) * np.cos(y), (n, n, n)).copy()
-    centres = np.array([[6, 8, 8], [8, 8, 8], [8, 10, 6], [10, 8, 10]]) * h
-    basis = GaussianBasis(ops, centres, h, np.ones((n, n, n), bool))
-    model = ReactionDiffusion(ops, wm, nt=6, rtol=1e-13)
-    d = model.forward(basis.apply([0.2, 0.7, 0.1, 0.3]), 0.03, 7.0)
-    obj = S1Objective(ops, basis, model, Misfit(ops, d), beta=0.0)
-    p = np.array([0.5, 0.3, 0.4, 0.1])
+    basis, obj, p = _taylor_case(beta=0.0)
     c0, state = normalised_ic(basis, p)
     assert abs(c0.max() - 1.0) < 1e-14
     J0, lam0, _, _, _, _ = obj.evaluate(None, 0.03, 7.0, c0=c0)
