@@ -168,10 +168,26 @@ def _add_demo(sub) -> None:
     d.add_argument("--json", action="store_true", help="JSON progress lines instead of text (the process contract)")
 
 
+def _open_outputs(folder: str, outputs_holder: list, outputs_cls):
+    """The command's atomic output set in `folder` (registered for rollback on failure or
+    SIGTERM) and the path of its report.json, a stale copy of which is removed first."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--out {folder} exists and is not a folder")
+    try:
+        outputs = outputs_cls(folder)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    outputs_holder.append(outputs)
+    report_path = os.path.join(outputs.folder, "report.json")
+    if os.path.exists(report_path):  # a stale marker of completeness from an earlier run
+        os.remove(report_path)
+    return outputs, report_path
+
+
 def _calibrate(args, outputs_holder: list, token: pg.CancelToken) -> int:
     import json as _json
 
-    from .calibrate import CalibrateJob, CalibrateOutputs, InputError, run_calibrate
+    from .calibrate import CalibrateJob, CalibrateOutputs, run_calibrate
 
     base: dict = {}
     if args.job:
@@ -209,16 +225,7 @@ def _calibrate(args, outputs_holder: list, token: pg.CancelToken) -> int:
                     base[other] = None
     job = CalibrateJob.from_dict({**base, **flags})
     job.validate()
-    if os.path.exists(job.out) and not os.path.isdir(job.out):
-        raise InputError(f"--out {job.out} exists and is not a folder")
-    try:
-        outputs = CalibrateOutputs(job.out)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {job.out}: {exc.strerror}") from None
-    outputs_holder.append(outputs)
-    report_path = os.path.join(outputs.folder, "report.json")
-    if os.path.exists(report_path):  # a stale marker of completeness from an earlier run
-        os.remove(report_path)
+    outputs, report_path = _open_outputs(job.out, outputs_holder, CalibrateOutputs)
     run_calibrate(job, outputs, progress=lambda d: pg.emit({"event": "progress", **d}), cancel=token)
     token.finish()
     pg.result(report_path)
@@ -256,16 +263,7 @@ def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
         seed_ijk=args.seed_ijk, seed_ras=args.seed_ras, sigma_voxels=args.sigma_voxels,
         grid=args.grid, nt=args.nt, dt=args.dt, device=args.device, precision=args.precision,
         box_mm=args.box_mm, preset=args.preset, random_seed=args.random_seed)
-    if os.path.exists(opt.out) and not os.path.isdir(opt.out):
-        raise UsageError(f"--out {opt.out} exists and is not a folder")
-    try:
-        outputs = pg.OutputSet(opt.out)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {opt.out}: {exc.strerror}") from None
-    outputs_holder.append(outputs)
-    report_path = os.path.join(outputs.folder, "report.json")
-    if os.path.exists(report_path):  # a stale marker of completeness from an earlier run
-        os.remove(report_path)
+    outputs, report_path = _open_outputs(opt.out, outputs_holder, pg.OutputSet)
     run_simulate(opt, outputs, progress=pg.progress, cancel=token)
     token.finish()
     pg.result(report_path)
