@@ -55,6 +55,7 @@ class MassEffectOptions:
     r_rho: float = 0.0
     elasticity_rtol: float = 1e-3
     precision: str = "float64"  # of the forward solves ("float32" reproduces the reference's noise)
+    coarse_grids: tuple[int, ...] = ()  # coarse-to-fine: S.3 first on these grids (each divides n)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "MassEffectOptions":
@@ -65,7 +66,18 @@ class MassEffectOptions:
         for key in ("gamma_bounds", "rho_bounds", "kappa_bounds"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
+        if "coarse_grids" in d:
+            v = d["coarse_grids"]
+            d["coarse_grids"] = tuple(int(g) for g in ([v] if isinstance(v, (int, float)) else v or ()))
         return cls(**d)
+
+    def levels(self, n: int) -> list[int]:
+        """The grids of a coarse-to-fine S.3 ending at n (ascending, each dividing n)."""
+        coarse = sorted({int(g) for g in self.coarse_grids if int(g) != n})
+        for g in coarse:
+            if g < 8 or g > n or n % g:
+                raise ValueError(f"S.3 coarse grid {g} must be at least 8 and divide the grid {n}")
+        return coarse + [n]
 
     def bounds_scaled(self) -> Bounds:
         lo = np.array([self.gamma_bounds[0], self.rho_bounds[0], self.kappa_bounds[0]]) * SCALE
@@ -108,6 +120,8 @@ class MassEffectResult:
     seconds: float
     history: list = field(default_factory=list)
     forward: object = None  # ForwardResult at the optimum (c, tissues, u, v)
+    coarse: list = field(default_factory=list)  # coarse-to-fine: one summary per coarse level
+    n_forward_coarse: int = 0  # forward solves on the coarse grids (each ~(n/m)³ cheaper)
 
     def summary(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("forward", "x", "history")}
@@ -230,17 +244,91 @@ def _in_precision(ops: SpectralOps, precision: str, tissues, *arrays):
     return (ops, tissues, *(cast(a) for a in arrays))
 
 
+def restrict(a, n_coarse: int, normalise_max: bool = False):
+    """Block mean of an n³ field (or a 3×n³ stack) onto n_coarse³ (host numpy, float64):
+    partial volumes stay partial volumes. normalise_max rescales to max 1 (c0, §6 S.3)."""
+    from .backend import to_numpy
+
+    a = np.asarray(to_numpy(a), dtype=np.float64)
+    n = a.shape[-1]
+    f = n // n_coarse
+    m = n_coarse
+    out = a.reshape(*a.shape[:-3], m, f, m, f, m, f).mean(axis=(-5, -3, -1))
+    if normalise_max:
+        top = float(out.max())
+        out = out / top if top > 0 else out
+    return out
+
+
 def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                        initial: dict | None = None, options: MassEffectOptions | None = None,
                        progress=None, cancel=None, atlas: str | int | None = None) -> MassEffectResult:
-    """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units)."""
+    """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units).
+
+    With options.coarse_grids, S.3 runs coarse-to-fine: on each coarse grid (the atlas
+    tissues, c0, d, O and vt_patient block-averaged; c0 rescaled to max 1; no Hessian), each
+    level started from the previous optimum, the last on the given grid. Every level stops
+    at ‖P g‖ ≤ gtol_rel·‖P g(x_0)‖ with g(x_0) the gradient at the coarsest start, so the
+    result satisfies the same rule as a single-level run, for a fraction of the fine solves.
+    """
     options = options or MassEffectOptions()
+    t0 = time.perf_counter()
+    levels = options.levels(ops.n)
+    init = {"gamma": 0.6, "rho": 8.0, "kappa": 0.02}
+    init.update(initial or {})
+    g0_ref = None
+    coarse_runs: list[dict] = []
+    n_forward_coarse = 0
+    history: list[dict] = []
+    for m in levels[:-1]:
+        check_cancel(cancel)
+        cops = SpectralOps(m, ops.backend)
+        xp = cops.xp
+        as_dev = lambda a, **kw: None if a is None else xp.asarray(restrict(a, m, **kw), dtype=cops.dtype)  # noqa: E731
+        T = type(atlas_tissues)(*(as_dev(getattr(atlas_tissues, k))
+                                  for k in ("wm", "gm", "vt", "csf", "bg")))
+        Oc = None if O is None else xp.asarray(restrict(O, m) > 0.5, dtype=cops.dtype)
+        sub = _level_progress(progress, m, len(coarse_runs), len(levels))
+        r = _invert_one_level(cops, T, as_dev(c0, normalise_max=True), as_dev(d), Oc, as_dev(vt_patient),
+                              init, dataclasses.replace(options, hessian=False), sub, cancel, atlas,
+                              g0_ref)
+        g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
+        init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
+        n_forward_coarse += r.n_forward
+        history += [{**h, "grid": m} for h in r.history]
+        coarse_runs.append({"grid": m, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "nit": r.nit,
+                            "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message})
+    out = _invert_one_level(ops, atlas_tissues, c0, d, O, vt_patient, init, options,
+                            _level_progress(progress, ops.n, len(levels) - 1, len(levels)), cancel,
+                            atlas, g0_ref)
+    if coarse_runs:
+        out.history = history + [{**h, "grid": ops.n} for h in out.history]
+        out.coarse = coarse_runs
+        out.n_forward_coarse = n_forward_coarse
+        out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _level_progress(progress, grid: int, k: int, count: int):
+    """Progress of level k of count: coarse levels share the first 30% of the fraction."""
+    if progress is None or count == 1:
+        return progress
+    lo, hi = ((0.3 * k / (count - 1), 0.3 * (k + 1) / (count - 1)) if k < count - 1 else (0.3, 1.0))
+
+    def cb(ev):
+        f = lo + (hi - lo) * float(ev.get("fraction") or 0.0)
+        progress({**ev, "grid": grid, "fraction": f, "message": f"{grid}^3: {ev.get('message', '')}"})
+    return cb
+
+
+def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, init: dict,
+                      options: MassEffectOptions, progress, cancel, atlas, g0_ref) -> MassEffectResult:
+    """S.3 on one grid from init; g0_ref: the reference gradient norm of the stopping rule
+    (None: the gradient at the start)."""
     t0 = time.perf_counter()
     ops, atlas_tissues, c0, d, O, vt_patient = _in_precision(
         ops, options.precision, atlas_tissues, c0, d, O, vt_patient)
     bounds = options.bounds_scaled()
-    init = {"gamma": 0.6, "rho": 8.0, "kappa": 0.02}
-    init.update(initial or {})
     x0 = np.clip(to_scaled(init["gamma"], init["rho"], init["kappa"]), bounds.lb, bounds.ub)
     obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel)
     state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
@@ -259,6 +347,9 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             state["g0"] = projected_gradient_norm(x, g, bounds)
         return J, g
 
+    def tolerance() -> float:
+        return options.gtol_rel * (g0_ref if g0_ref is not None else state["g0"])
+
     def callback(intermediate_result):
         state["nit"] += 1
         x = intermediate_result.x
@@ -268,17 +359,22 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                         **from_scaled(x)})
         state.update(x=np.array(x), J=J)
         report(f"S.3 iteration {state['nit']}: J={J:.4e} |g|={gn:.2e}")
-        if state["g0"] and gn <= options.gtol_rel * state["g0"]:
+        if state["g0"] and gn <= tolerance():
             raise StopIteration
 
     report("S.3 started")
-    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
-                   options={"maxiter": options.maxiter, "maxcor": options.maxcor,
-                            "ftol": 1e-12, "gtol": 1e-12})
-    x = np.clip(res.x, bounds.lb, bounds.ub)
+    fun(x0)
+    if state["g0"] <= tolerance():  # a coarse level already left nothing to do here
+        x, res_nit, res_nfev, res_message = x0, 0, 1, "start satisfies the stopping rule"
+    else:
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                       options={"maxiter": options.maxiter, "maxcor": options.maxcor,
+                                "ftol": 1e-12, "gtol": 1e-12})
+        x, res_nit, res_nfev, res_message = res.x, res.nit, res.nfev, str(res.message)
+    x = np.clip(x, bounds.lb, bounds.ub)
     J, g = fd_gradient(obj, x, options, bounds)
     gn = projected_gradient_norm(x, g, bounds)
-    converged = bool(state["g0"] is not None and gn <= options.gtol_rel * state["g0"])
+    converged = bool(state["g0"] is not None and gn <= tolerance())
     J_opt, parts, fwd = obj.solve(x)
     cond = None
     if options.hessian:
@@ -288,21 +384,21 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     xp = ops.xp
     umag = xp.sqrt(xp.sum(fwd.u * fwd.u, axis=0))
     p = from_scaled(x)
-    status = 0 if converged else (1 if res.nit >= options.maxiter else 2)
+    status = 0 if converged else (1 if res_nit >= options.maxiter else 2)
     message = ("relative gradient below %.0e" % options.gtol_rel if converged
-               else ("iteration limit reached" if status == 1 else str(res.message)))
+               else ("iteration limit reached" if status == 1 else res_message))
     out = MassEffectResult(
         x=x, kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], fun=J_opt,
         misfit_tumor=parts["tumor"], misfit_vt=parts["vt"],
         relative_tumor_error=obj.misfit.relative_error(fwd.c), max_u=float(umag.max()),
-        nit=int(state["nit"]), nfev=int(res.nfev), n_forward=obj.n_forward, status=status,
+        nit=int(state["nit"]), nfev=int(res_nfev), n_forward=obj.n_forward, status=status,
         message=message, success=converged, gradient_norm=gn,
-        gradient_norm_initial=float(state["g0"] or 0.0), hessian_condition=cond,
-        cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0, history=history,
-        forward=fwd)
+        gradient_norm_initial=float(g0_ref if g0_ref is not None else (state["g0"] or 0.0)),
+        hessian_condition=cond, cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0,
+        history=history, forward=fwd)
     report(f"S.3 done: γ={out.gamma:.3f} ρ={out.rho:.2f} κ={out.kappa:.4f}")
     return out
 
 
 __all__ = ["MassEffectOptions", "MassEffectResult", "MassEffectObjective", "invert_mass_effect",
-           "to_scaled", "from_scaled", "fd_hessian", "condition_number", "Cancelled"]
+           "to_scaled", "from_scaled", "restrict", "fd_hessian", "condition_number", "Cancelled"]

@@ -269,7 +269,8 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
             c0, d, O, vt_p, reg = warp_patient_to(patient, target, ops, c0)
             extra.update(reg)
     start = dict(zip(("gamma", "rho", "kappa"), args.start))
-    opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian)
+    opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
+                             coarse_grids=tuple(args.coarse_grids))
 
     def progress(ev):
         if args.verbose:
@@ -290,6 +291,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "nit": r.nit, "n_forward": r.n_forward, "message": r.message, "success": r.success,
            "hessian_condition": r.hessian_condition, "cfl_flagged": r.cfl_flagged,
            "s3_seconds": r.seconds, "seconds": time.perf_counter() - t0,
+           "coarse": r.coarse, "n_forward_coarse": r.n_forward_coarse,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
            **patient.info(), **extra}
     if target is patient.anatomy:
@@ -405,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=50, help="S.3 (and S.1 final) iteration limit")
     ap.add_argument("--workers", type=int, default=2, help="concurrent forward solves in S.3")
     ap.add_argument("--hessian", action="store_true", help="also the FD Hessian condition (10 solves)")
+    ap.add_argument("--coarse-grids", nargs="*", type=int, default=[],
+                    help="S.3 coarse-to-fine: solve on these grids first (each divides --grid)")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
