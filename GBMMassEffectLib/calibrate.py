@@ -26,7 +26,10 @@ Stages:
        (fractions by m³ sub-voxel averaging), c0 rescaled to max 1, vt smoothed one voxel.
   S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
        tissues, started at γ = gamma0 (default 0.6, the reference's clinical start: between
-       "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds).
+       "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds), with
+       the c0 pull-back on (S3_C0_PULLBACK rounds, job option s3.c0_pullback; 0 is the
+       paper's fixed c0): S.1's c0 sits in the deformed frame, S.3 brings it back with its
+       own displacement (mass_effect_inversion's docstring; report atlases[i].c0_rounds).
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
@@ -64,6 +67,7 @@ from .backend import get_backend, to_numpy
 from .geometry import BoxGeometry, box_for_image
 from .progress import OutputSet, check_cancel
 
+S3_C0_PULLBACK = 2  # default c0 pull-back rounds of S.3 in the pipeline (job option s3.c0_pullback)
 STAGE_SPAN = {"setup": (0.0, 0.03), "S.1": (0.03, 0.25), "atlases": (0.25, 0.95), "output": (0.95, 1.0)}
 DEFAULT_TUMOR_VALUES = {"necrotic": 1, "edema": 2, "enhancing": 4}
 DEFAULT_TISSUE_VALUES = {"gm": 5, "wm": 6, "vt": 7, "csf": 8}
@@ -216,8 +220,12 @@ class CalibrateJob:
     def s3_options(self):
         from .mass_effect_inversion import MassEffectOptions
 
+        d = dict(self.options.get("s3") or {})
+        # S.1's c0 is inverted on the deformed patient: pull it back to the atlas frame
+        # (mass_effect_inversion's module docstring); "c0_pullback": 0 keeps the paper's fixed c0
+        d.setdefault("c0_pullback", S3_C0_PULLBACK)
         try:
-            return MassEffectOptions.from_dict(self.options.get("s3"))
+            return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:
             raise InputError(f"S.3 options: {exc}") from None
 
@@ -827,6 +835,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_o
         "message": res.message, "success": res.success, "cfl_flagged": res.cfl_flagged,
         "gradient_norm": summ["gradient_norm"], "gradient_norm_initial": summ["gradient_norm_initial"],
         "s3_seconds": res.seconds, "history": summ["history"], "box": geom_a.to_dict(),
+        "c0_rounds": summ["c0_rounds"],
     })
     P("S.3", a_lo, a_hi, 0.9, f"atlas {atlas.name}: mapping results to the patient", atlas=entry["index"])
     fwd = res.forward
@@ -838,7 +847,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_o
         nt = int(math.ceil(max(pred_times) / o.dt - 1e-9)) - 1
         params = ForwardParams(kappa=res.kappa, rho=res.rho, gamma=res.gamma, nt=nt, dt=o.dt, r_k=o.r_k,
                                r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
-        later = run_forward(ops, T_a, c0_a, params, cancel=cancel, snapshot_times=pred_times, on_cfl="flag")
+        later = run_forward(ops, T_a, res.c0, params, cancel=cancel, snapshot_times=pred_times, on_cfl="flag")
         for t in pred_times:
             snap = later.snapshots.get(t) or min(later.snapshots.values(), key=lambda s: abs(s.t - t))
             img = geom_a.image(to_numpy(snap.c).astype(np.float32))

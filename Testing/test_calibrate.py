@@ -165,6 +165,10 @@ def test_full_pipeline_outputs(case, full_run):
             assert key in e, key
         assert 0.005 <= e["kappa"] <= 0.05 and 2 <= e["rho"] <= 15 and 0 <= e["gamma"] <= 1.5
         assert e["max_u_mm"] == pytest.approx(e["max_u_domain"] * 256 / (2 * np.pi))
+        # the pipeline's S.3 pulls S.1's c0 back (default rounds; the last solve's numbers are e's)
+        rounds = e["c0_rounds"]
+        assert 1 <= len(rounds) <= 3 and all(r["c0_change"] >= 0 for r in rounds)
+        assert rounds[-1]["gamma"] == pytest.approx(e["gamma"]) and rounds[-1]["rho"] == pytest.approx(e["rho"])
         sub = out / f"atlas_{e['name']}"
         for name in ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement.nrrd", "result.json"):
             assert (sub / name).is_file()
@@ -214,6 +218,10 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert job.tumor_labels == "/base/t.nrrd" and job.out == "/base/o" and job.atlas_set == "bundled"
     with pytest.raises(InputError, match="unknown key"):
         CalibrateJob.from_dict({"tumour": "x"})
+    # S.3's c0 pull-back is on in the pipeline unless the job turns it off
+    assert job.s3_options().c0_pullback == 2
+    off = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "options": {"s3": {"c0_pullback": 0}}})
+    assert off.s3_options().c0_pullback == 0
 
 
 def test_sigterm_leaves_nothing(case, tmp_path):

@@ -29,6 +29,9 @@ Experiments (one markdown row each per case / atlas):
                  registration (true atlas: patient and atlas share the box; the mass effect
                  pushes tissue away from the tumour centre, not the centre itself).
                  Paper (TC b–d): eγ 0.3–5%, eρ 13–16%, eκ 19–26%, eu < 4%.
+                 S.3 pulls S.1's c0 back to the undeformed frame with its own displacement
+                 (--c0-pullback rounds, default 2; 0 = the paper's fixed c0; see
+                 mass_effect_inversion.py), as calibrate does.
   other-atlases  S.1's c0 as above; S.2 (registration.register_patient_to_atlas, affine +
                  demons on the tissue channels vt; gm; wm+csf, tumour masked) of the patient's
                  box images onto each other atlas's box; c0 (rescaled to max 1), d, O and
@@ -270,7 +273,8 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
             extra.update(reg)
     start = dict(zip(("gamma", "rho", "kappa"), args.start))
     opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
-                             coarse_grids=tuple(args.coarse_grids))
+                             coarse_grids=tuple(args.coarse_grids),
+                             c0_pullback=0 if exp == "true-ic" else args.c0_pullback)
 
     def progress(ev):
         if args.verbose:
@@ -292,6 +296,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "hessian_condition": r.hessian_condition, "cfl_flagged": r.cfl_flagged,
            "s3_seconds": r.seconds, "seconds": time.perf_counter() - t0,
            "coarse": r.coarse, "n_forward_coarse": r.n_forward_coarse,
+           "c0_pullback": opts.c0_pullback, "c0_rounds": r.c0_rounds,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
            **patient.info(), **extra}
     if target is patient.anatomy:
@@ -358,6 +363,12 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
                 f"{label(r['case'])} κ {r['kappa_s1']:.4f}, ρ {r['rho_s1']:.2f}, support {r['s1_support']}, "
                 f"‖c0 − c0*‖/‖c0*‖ {r['s1_c0_error']:.3f}, {r['s1_seconds']:.0f} s"
                 for r in sorted({r['case']: r for r in s1}.values(), key=lambda r: r['case']))]
+        pb = [r for r in sel if r.get("c0_rounds")]
+        if pb:
+            lines += ["", "S.3 c0 pull-back (γ, ρ, κ after each solve; relative c0 change): " + "; ".join(
+                f"{label(r['case'])} {r['atlas']}: " + " → ".join(
+                    f"({c['gamma']:.3f}, {c['rho']:.2f}, {c['kappa']:.4f}; {c['c0_change']:.3f})"
+                    for c in r["c0_rounds"]) for r in sorted(pb, key=lambda r: (r['case'], r['atlas'])))]
         reg = [r for r in sel if "registration_score" in r]
         if reg:
             lines += ["", "S.2: " + "; ".join(
@@ -409,6 +420,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian", action="store_true", help="also the FD Hessian condition (10 solves)")
     ap.add_argument("--coarse-grids", nargs="*", type=int, default=[],
                     help="S.3 coarse-to-fine: solve on these grids first (each divides --grid)")
+    ap.add_argument("--c0-pullback", type=int, default=2,
+                    help="S.3 c0 pull-back rounds for the S.1 (inverted) c0; 0: c0 fixed as in the paper")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
