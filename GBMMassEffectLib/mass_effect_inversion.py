@@ -371,7 +371,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             c0_cur = pull_back(lops, c0_given, prolong_displacement(u_prev, m))
         sub = _level_progress(progress, m, k, len(levels))
         for rnd in range(max(options.c0_pullback, 0) + 1):
-            r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt, sub, cancel, atlas, g0_ref)
+            r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
+                                  _round_progress(sub, rnd, options.c0_pullback + 1), cancel, atlas, g0_ref)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
             if fine:
@@ -407,6 +408,17 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     out.n_forward_coarse = n_forward_coarse
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _round_progress(progress, k: int, count: int):
+    """Progress of pull-back round k of at most count: round k spans [k, k+1]/count."""
+    if progress is None or count == 1:
+        return progress
+
+    def cb(ev):
+        f = (k + min(max(float(ev.get("fraction") or 0.0), 0.0), 1.0)) / count
+        progress({**ev, "round": k, "fraction": f})
+    return cb
 
 
 def _level_progress(progress, grid: int, k: int, count: int):

@@ -298,8 +298,12 @@ def test_recovery_with_c0_in_the_deformed_frame_16(glia_testdata):
     c0_p = pull_back(ops, c0, -res.u)  # ≈ c0(X − u): the deformed-frame c0
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
     umax = float(res.displacement_norm().max())
+    events = []
     r = invert_mass_effect(ops, tissues, c0_p, res.c, None, res.tissues.vt, initial=start,
-                           options=MassEffectOptions(workers=2, hessian=False, c0_pullback=1))
+                           options=MassEffectOptions(workers=2, hessian=False, c0_pullback=1),
+                           progress=events.append)
+    fr = [e["fraction"] for e in events]
+    assert fr == sorted(fr) and 0 <= fr[0] and fr[-1] <= 1 and {e["round"] for e in events} == {0, 1}
     fixed, last = r.c0_rounds
     assert [fixed["round"], last["round"]] == [0, 1] and last["c0_change"] < fixed["c0_change"]
     assert (last["gamma"], last["max_u"]) == (r.gamma, r.max_u)
