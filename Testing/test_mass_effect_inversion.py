@@ -315,3 +315,20 @@ def test_recovery_with_c0_in_the_deformed_frame_16(glia_testdata):
     assert e_u[1] < 0.5 * e_u[0], (e_u, r.c0_rounds)
     assert last["relative_tumor_error"] < fixed["relative_tumor_error"]
     assert r.n_forward == fixed["n_forward"] + last["n_forward"]
+
+
+def test_pullback_coarse_to_fine_plumbing(glia_testdata):
+    """Coarse-to-fine with the pull-back: the coarse level's rounds come first, the fine
+    level starts from c0 pulled back by the coarse displacement (prolonged), so its first
+    solve already uses a moved c0; every round is reported with its grid."""
+    ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
+    c0_p = pull_back(ops, c0, -res.u)
+    r = invert_mass_effect(ops, tissues, c0_p, res.c, None, res.tissues.vt, initial=dict(TRUTH),
+                           options=MassEffectOptions(workers=2, hessian=False, maxiter=2, coarse_grids=(8,),
+                                                     c0_pullback=1, c0_pullback_tol=0.0))
+    assert [(x["grid"], x["round"]) for x in r.c0_rounds] == [(8, 0), (8, 1), (16, 0), (16, 1)]
+    assert [c["grid"] for c in r.coarse] == [8] and r.coarse[0]["round"] == 1
+    assert r.n_forward == sum(x["n_forward"] for x in r.c0_rounds if x["grid"] == 16)
+    assert r.n_forward_coarse == sum(x["n_forward"] for x in r.c0_rounds if x["grid"] == 8)
+    c0_err = lambda a: float(np.linalg.norm(a - c0) / np.linalg.norm(c0))  # noqa: E731
+    assert c0_err(r.c0) < c0_err(c0_p)
