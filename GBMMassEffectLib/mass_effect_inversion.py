@@ -389,6 +389,9 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             c0_new = pull_back(lops, c0_given, r.forward.u)
             rec["c0_change"] = _relative_change(xp, c0_new, c0_cur)
             rounds.append(rec)
+            if not float(xp.max(c0_new)) > 0 or not math.isfinite(rec["c0_change"]):
+                rec["message"] += "; pull-back left no tumour: kept this c0"
+                break
             if rnd == options.c0_pullback or rec["c0_change"] < options.c0_pullback_tol:
                 break
             c0_cur = c0_new
