@@ -413,6 +413,21 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     return out
 
 
+#: stop S.3 when J has changed by less than STAGNATION_RTOL (relative) over the last
+#: STAGNATION_ITERATIONS iterations: the FD gradient is then at its noise floor above the
+#: relative-gradient tolerance (seen in a pull-back round, whose reference gradient is the
+#: first round's start), and further iterations only spend forward solves
+STAGNATION_RTOL = 1e-7
+STAGNATION_ITERATIONS = 3
+
+
+def _stagnated(history: list[dict]) -> bool:
+    if len(history) <= STAGNATION_ITERATIONS:
+        return False
+    old, new = history[-1 - STAGNATION_ITERATIONS]["objective"], history[-1]["objective"]
+    return abs(old - new) <= STAGNATION_RTOL * abs(old)
+
+
 def _round_progress(progress, k: int, count: int):
     """Progress of pull-back round k of at most count: round k spans [k, k+1]/count."""
     if progress is None or count == 1:
@@ -476,6 +491,9 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         report(f"S.3 iteration {state['nit']}: J={J:.4e} |g|={gn:.2e}")
         if state["g0"] and gn <= tolerance():
             raise StopIteration
+        if _stagnated(history):
+            state["stagnated"] = True
+            raise StopIteration
 
     report("S.3 started")
     fun(x0)
@@ -498,9 +516,11 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     xp = ops.xp
     umag = xp.sqrt(xp.sum(fwd.u * fwd.u, axis=0))
     p = from_scaled(x)
-    status = 0 if converged else (1 if res_nit >= options.maxiter else 2)
+    status = 0 if converged else (3 if state.get("stagnated") else (1 if res_nit >= options.maxiter else 2))
     message = ("relative gradient below %.0e" % options.gtol_rel if converged
-               else ("iteration limit reached" if status == 1 else res_message))
+               else {1: "iteration limit reached",
+                     3: f"objective stagnated (relative change < {STAGNATION_RTOL:.0e} over "
+                        f"{STAGNATION_ITERATIONS} iterations) above the gradient tolerance"}.get(status, res_message))
     out = MassEffectResult(
         x=x, kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], fun=J_opt,
         misfit_tumor=parts["tumor"], misfit_vt=parts["vt"],

@@ -332,3 +332,14 @@ def test_pullback_coarse_to_fine_plumbing(glia_testdata):
     assert r.n_forward_coarse == sum(x["n_forward"] for x in r.c0_rounds if x["grid"] == 8)
     c0_err = lambda a: float(np.linalg.norm(a - c0) / np.linalg.norm(c0))  # noqa: E731
     assert c0_err(r.c0) < c0_err(c0_p)
+
+
+def test_stagnation_rule():
+    """S.3 stops when J has not moved by 1e-7 (relative) over three iterations; real
+    progress, however slow, keeps it going."""
+    from GBMMassEffectLib.mass_effect_inversion import _stagnated
+
+    h = lambda *J: [{"objective": j} for j in J]  # noqa: E731
+    assert not _stagnated(h(1.0, 1.0, 1.0))  # too short to judge
+    assert _stagnated(h(2.0, 0.034485, 0.034485, 0.0344850001, 0.034485))
+    assert not _stagnated(h(0.0857, 0.085703, 0.085702, 0.0857015, 0.085701))
