@@ -13,8 +13,9 @@
    stdout and saved as OUT/demo_summary.json.
 
 Default: grid 32 (8 mm box voxels), S.3 with its MODEL §6 settings but at most 8
-iterations, no Hessian and one c0 pull-back round, registration on 4 mm grids: the setting sized to finish
-within 10 minutes on 2 CPU cores. --full: the paper setting, grid 128 on a CPU (256
+iterations, no Hessian and one c0 pull-back round, registration on 4 mm grids: the
+setting sized to finish within 10 minutes on 2 CPU cores (measured before the pull-back
+round was added; not re-timed since). --full: the paper setting, grid 128 on a CPU (256
 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
 registration at their defaults (hours on a CPU).
 Output folder default: ./gbm-demo-output (relative to the current directory).
