@@ -985,7 +985,7 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
     # paper's settings.
     CHEAP_OPTIONS = {
         "s1": {"cosamp_iterations": 1, "subspace_maxiter": 3, "final_maxiter": 3, "nt": 10},
-        "s3": {"maxiter": 2, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2},
+        "s3": {"maxiter": 2, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2, "c0_pullback": 1},
         "registration": {"iterations": 6, "affine_iterations": 15, "spacing_mm": 8.0},
     }
     # T1-like intensities of the test atlas (GBMMassEffectLib.presets.T1_INTENSITY)
