@@ -357,7 +357,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             lopt = dataclasses.replace(options, hessian=False) if options.c0_pullback > 0 else options
         else:
             lops = SpectralOps(m, ops.backend)
-            xp = lops.xp
+            xp = lops.xp  # as_dev below closes over it
             as_dev = lambda a, **kw: None if a is None else xp.asarray(restrict(a, m, **kw), dtype=lops.dtype)  # noqa: E731
             T = type(atlas_tissues)(*(as_dev(getattr(atlas_tissues, key))
                                       for key in ("wm", "gm", "vt", "csf", "bg")))
@@ -370,7 +370,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         if options.c0_pullback > 0 and u_prev is not None:
             c0_cur = pull_back(lops, c0_given, prolong_displacement(u_prev, m))
         sub = _level_progress(progress, m, k, len(levels))
-        for rnd in range(max(options.c0_pullback, 0) + 1):
+        for rnd in range(options.c0_pullback + 1):
             r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
                                   _round_progress(sub, rnd, options.c0_pullback + 1), cancel, atlas, g0_ref)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
@@ -535,4 +535,5 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
 
 
 __all__ = ["MassEffectOptions", "MassEffectResult", "MassEffectObjective", "invert_mass_effect",
-           "to_scaled", "from_scaled", "restrict", "pull_back", "prolong_displacement", "fd_hessian", "condition_number", "Cancelled"]
+           "to_scaled", "from_scaled", "restrict", "pull_back", "prolong_displacement", "fd_hessian",
+           "hessian_condition", "condition_number", "Cancelled"]
