@@ -19,9 +19,13 @@ Stages:
        O = 0 on edema; sparse_ic.solve_sparse_ic → c0 (max 1), κ, ρ.
   S.2  per atlas (chosen by ventricle volume, atlases.select_atlases): register patient →
        atlas (registration.register_patient_to_atlas on the tissue channels, or
-       register_t1), tumor masked. Registration runs on isotropic grids of spacing
-       max(atlas voxel, box voxel / 2) (4 mm at n = 32, the atlas's 1.5 mm at n ≥ 128):
-       finer than the box it serves, and cheap at small n. c0, the core and edema
+       register_t1), tumor masked, affine only by default (S2_DEFORMABLE: a deformable
+       stage would fit away the ventricles' compression that S.3 measures; job option
+       registration.deformable = demons | bspline restores one). A T1-only patient's tissue
+       is derived through affine + demons on the T1 (registration.t1_deformable), and that
+       derived tissue is then registered to each atlas like a given one. Registration
+       runs on isotropic grids of spacing max(atlas voxel, box voxel / 2) (4 mm at n = 32,
+       the atlas's 1.5 mm at n ≥ 128): finer than the box it serves, and cheap at small n. c0, the core and edema
        fractions and the patient's ventricle fraction are warped into the atlas's box
        (fractions by m³ sub-voxel averaging), c0 rescaled to max 1, vt smoothed one voxel.
   S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
@@ -68,6 +72,13 @@ from .geometry import BoxGeometry, box_for_image
 from .progress import OutputSet, check_cancel
 
 S3_C0_PULLBACK = 2  # default c0 pull-back rounds of S.3 in the pipeline (job option s3.c0_pullback)
+#: default deformable stage of the S.2 registration that carries the patient's data into an
+#: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
+#: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
+#: effect that S.3 is to measure. Measured at 32³ (TC(c), γ* 0.8; the γ that best fits the
+#: warped ventricles at the true ρ, κ and c0): registered onto its own atlas, demons 0.45,
+#: affine only 0.75; onto colin27 0.33 vs 0.63, sri24 0.24 vs 0.53.
+S2_DEFORMABLE = "none"
 STAGE_SPAN = {"setup": (0.0, 0.03), "S.1": (0.03, 0.25), "atlases": (0.25, 0.95), "output": (0.95, 1.0)}
 DEFAULT_TUMOR_VALUES = {"necrotic": 1, "edema": 2, "enhancing": 4}
 DEFAULT_TISSUE_VALUES = {"gm": 5, "wm": 6, "vt": 7, "csf": 8}
@@ -84,7 +95,7 @@ class CalibrateJob:
     """Everything a calibration needs (job.json keys; ARCHITECTURE.md "The process boundary").
 
     options: {"s1": SparseICOptions fields, "s3": MassEffectOptions fields,
-              "registration": {deformable, iterations, affine_iterations, sigma_field,
+              "registration": {deformable, t1_deformable, iterations, affine_iterations, sigma_field,
               spacing_mm}}."""
 
     command: str = "calibrate"
@@ -230,15 +241,19 @@ class CalibrateJob:
             raise InputError(f"S.3 options: {exc}") from None
 
     def registration_options(self) -> dict:
-        d = {"deformable": "demons", "iterations": 60, "affine_iterations": 100, "sigma_field": 1.5,
-             "spacing_mm": None}
+        """S.2 settings. deformable: the stage after the affine of the registration that
+        carries the patient's data into each atlas for S.3 (default S2_DEFORMABLE, "none");
+        t1_deformable: the one that derives the patient tissue from a T1 (default "demons")."""
+        d = {"deformable": S2_DEFORMABLE, "t1_deformable": "demons", "iterations": 60,
+             "affine_iterations": 100, "sigma_field": 1.5, "spacing_mm": None}
         given = dict(self.options.get("registration") or {})
         unknown = set(given) - set(d)
         if unknown:
             raise InputError(f"unknown registration option(s): {', '.join(sorted(unknown))}")
         d.update(given)
-        if d["deformable"] not in ("demons", "bspline", "none"):
-            raise InputError(f"registration deformable must be demons, bspline or none, got {d['deformable']!r}")
+        for key in ("deformable", "t1_deformable"):
+            if d[key] not in ("demons", "bspline", "none"):
+                raise InputError(f"registration {key} must be demons, bspline or none, got {d[key]!r}")
         return d
 
     def to_dict(self) -> dict:
@@ -558,8 +573,11 @@ def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, c
                  "ventricle_ml": atlas.ventricle_ml, "failed": False}
         t_a = time.perf_counter()
         try:
+            # a T1-only patient's registrations carry its data only when both stages agree;
+            # otherwise its derived tissue is registered again (affine only by default)
+            reuse = registrations.get(atlas.name) if reg_opt["t1_deformable"] == reg_opt["deformable"] else None
             vols = _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_opt, s3_opt,
-                              registrations.get(atlas.name), box_spacing, pred_times, entry,
+                              reuse, box_spacing, pred_times, entry,
                               P, a_lo, a_hi, cancel)
         except aggregate.AllAtlasesFailed:
             raise
@@ -711,7 +729,7 @@ def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, c
     s = _registration_spacing(reg_opt, atlas_labels, box_spacing)
     a_grid = iso_grid(atlas_labels, s)
     tumor_mask = io.image_like(patient.whole.astype(np.float32), patient.reference)
-    kw = dict(deformable=reg_opt["deformable"], iterations=int(reg_opt["iterations"]),
+    kw = dict(deformable=reg_opt["t1_deformable" if use_t1 else "deformable"], iterations=int(reg_opt["iterations"]),
               affine_iterations=int(reg_opt["affine_iterations"]), sigma_field=float(reg_opt["sigma_field"]),
               progress=progress, cancel=cancel)
     if use_t1:

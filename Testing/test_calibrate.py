@@ -222,6 +222,15 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert job.s3_options().c0_pullback == 2
     off = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "options": {"s3": {"c0_pullback": 0}}})
     assert off.s3_options().c0_pullback == 0
+    # S.2: affine only for the data S.3 sees, demons to derive tissue from a T1
+    reg = job.registration_options()
+    assert (reg["deformable"], reg["t1_deformable"]) == ("none", "demons")
+    demons = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o",
+                                     "options": {"registration": {"deformable": "demons"}}})
+    assert demons.registration_options()["deformable"] == "demons"
+    with pytest.raises(InputError, match="t1_deformable"):
+        CalibrateJob.from_dict({"tumor_labels": "t", "out": "o",
+                                "options": {"registration": {"t1_deformable": "elastix"}}}).registration_options()
 
 
 def test_sigterm_leaves_nothing(case, tmp_path):
@@ -331,6 +340,8 @@ def test_clinical_like_t1_and_binary_mask(case, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["patient_tissue_source"].startswith("derived from the best-registered atlas")
+    # the derived tissue (affine + demons on the T1) is registered again, affine only, for S.3
+    assert {a["registration"]["method"] for a in report["atlases"] if not a["failed"]} == {"affine+none"}
     assert (tmp_path / "out" / "patient_tissue_labels.nrrd").is_file()
     for name in OUTPUTS:
         same_geometry(sitk.ReadImage(str(tmp_path / "out" / name)), thick)
