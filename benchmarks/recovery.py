@@ -32,8 +32,9 @@ Experiments (one markdown row each per case / atlas):
                  S.3 pulls S.1's c0 back to the undeformed frame with its own displacement
                  (--c0-pullback rounds, default 2; 0 = the paper's fixed c0; see
                  mass_effect_inversion.py), as calibrate does.
-  other-atlases  S.1's c0 as above; S.2 (registration.register_patient_to_atlas, affine +
-                 demons on the tissue channels vt; gm; wm+csf, tumour masked) of the patient's
+  other-atlases  S.1's c0 as above; S.2 (registration.register_patient_to_atlas on the
+                 tissue channels vt; gm; wm+csf, tumour masked; affine only as in calibrate,
+                 --registration demons|bspline adds a deformable stage) of the patient's
                  box images onto each other atlas's box; c0 (rescaled to max 1), d, O and
                  vt_patient warped to that atlas; S.3 there (paper Table S2: eu 12–27% on good
                  atlases; ρ, κ ~20–35%).
@@ -416,7 +417,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patient-atlas", default="mni152",
                     help="bundled atlas the patients are made from ('glia': glia-testdata/atlas.nc)")
     ap.add_argument("--atlases", nargs="+", default=["sri24", "colin27"],
-                    help="other atlases for the other-atlases experiment")
+                    help="atlases of the other-atlases experiment (naming --patient-atlas too runs "
+                         "the true atlas through S.2, as calibrate does when it is in the set)")
     ap.add_argument("--start", nargs=3, type=float, default=[0.6, 8.0, 0.02],
                     metavar=("GAMMA", "RHO", "KAPPA"), help="S.3 starting point (paper units)")
     ap.add_argument("--max-iter", type=int, default=50, help="S.3 (and S.1 final) iteration limit")
@@ -426,7 +428,7 @@ def main(argv=None) -> int:
                     help="S.3 coarse-to-fine: solve on these grids first (each divides --grid)")
     ap.add_argument("--c0-pullback", type=int, default=2,
                     help="S.3 c0 pull-back rounds for the S.1 (inverted) c0; 0: c0 fixed as in the paper")
-    ap.add_argument("--registration", choices=("demons", "bspline", "none"), default="demons",
+    ap.add_argument("--registration", choices=("demons", "bspline", "none"), default="none",
                     help="S.2 deformable stage after the affine one (other-atlases)")
     ap.add_argument("--sigma-field", type=float, default=1.5,
                     help="S.2 demons field smoothing in voxels (other-atlases)")
@@ -454,7 +456,7 @@ def main(argv=None) -> int:
         for case in args.cases:
             if exp == "other-atlases":
                 if not others:
-                    others = {a: Anatomy(a, ops) for a in args.atlases if a != args.patient_atlas}
+                    others = {a: Anatomy(a, ops) for a in args.atlases}  # the patient's own: through S.2 too
                 targets = list(others.values())
             else:
                 targets = [anatomy]
