@@ -25,9 +25,10 @@ Stages:
        is derived through affine + demons on the T1 (registration.t1_deformable), and that
        derived tissue is then registered to each atlas like a given one. Registration
        runs on isotropic grids of spacing max(atlas voxel, box voxel / 2) (4 mm at n = 32,
-       the atlas's 1.5 mm at n ≥ 128): finer than the box it serves, and cheap at small n. c0, the core and edema
-       fractions and the patient's ventricle fraction are warped into the atlas's box
-       (fractions by m³ sub-voxel averaging), c0 rescaled to max 1, vt smoothed one voxel.
+       the atlas's 1.5 mm at n ≥ 128): finer than the box it serves, and cheap at small n.
+       c0, the core and edema fractions and the patient's ventricle fraction are warped
+       into the atlas's box (fractions by m³ sub-voxel averaging), c0 rescaled to max 1, vt
+       smoothed one voxel.
   S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
        tissues, started at γ = gamma0 (default 0.6, the reference's clinical start: between
        "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds), with
@@ -729,7 +730,8 @@ def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, c
     s = _registration_spacing(reg_opt, atlas_labels, box_spacing)
     a_grid = iso_grid(atlas_labels, s)
     tumor_mask = io.image_like(patient.whole.astype(np.float32), patient.reference)
-    kw = dict(deformable=reg_opt["t1_deformable" if use_t1 else "deformable"], iterations=int(reg_opt["iterations"]),
+    kw = dict(deformable=reg_opt["t1_deformable" if use_t1 else "deformable"],
+              iterations=int(reg_opt["iterations"]),
               affine_iterations=int(reg_opt["affine_iterations"]), sigma_field=float(reg_opt["sigma_field"]),
               progress=progress, cancel=cancel)
     if use_t1:
