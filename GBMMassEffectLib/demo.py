@@ -15,8 +15,8 @@
 Default: grid 32 (8 mm box voxels), S.3 with its MODEL §6 settings but at most 8
 iterations, no Hessian and one c0 pull-back round, affine registration on 4 mm grids,
 sized for about 10 minutes on 2 CPU cores (re-timed with the pull-back round and affine
-S.2: 13.2 min wall, 17 min CPU, S.1 6.2 min of it). --full: the paper setting, grid 128 on a CPU (256
-with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
+S.2: 13.2 min wall, 17 min CPU, S.1 6.2 min of it). --full: the paper setting, grid 128
+on a CPU (256 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
 registration at their defaults (hours on a CPU).
 Output folder default: ./gbm-demo-output (relative to the current directory).
 """

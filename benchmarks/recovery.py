@@ -68,6 +68,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
+from GBMMassEffectLib.calibrate import S2_DEFORMABLE  # noqa: E402
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
@@ -217,9 +218,10 @@ class Patient:
 
 # ---- registration onto another atlas (S.2) -------------------------------------------------
 def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
-                    deformable: str = "demons", sigma_field: float = 1.5):
-    """Register the patient's box images to target's box; returns the warped (c0, d, O, vt)
-    as backend arrays on target's box and a summary."""
+                    deformable: str = "none", sigma_field: float = 1.5, tumor_mask=None):
+    """Register the patient's box images to target's box (tumor_mask: the masked region,
+    default the patient's tumour); returns the warped (c0, d, O, vt) as backend arrays on
+    target's box and a summary."""
     import SimpleITK as sitk
 
     from GBMMassEffectLib.registration import register_patient_to_atlas, warp_to_atlas
@@ -233,7 +235,7 @@ def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
 
     wm, gm, vt, csf = patient.s1_tissues()
     T = Tissues(wm, gm, vt, csf, patient.tissues.bg)
-    mask = gp.image(patient.tumor.astype(np.uint8))
+    mask = gp.image((patient.tumor if tumor_mask is None else tumor_mask).astype(np.uint8))
     t = time.perf_counter()
     reg = register_patient_to_atlas(channels(gp, T), channels(ga, target.tissues), mask,
                                     deformable=deformable, sigma_field=sigma_field)
@@ -428,8 +430,8 @@ def main(argv=None) -> int:
                     help="S.3 coarse-to-fine: solve on these grids first (each divides --grid)")
     ap.add_argument("--c0-pullback", type=int, default=2,
                     help="S.3 c0 pull-back rounds for the S.1 (inverted) c0; 0: c0 fixed as in the paper")
-    ap.add_argument("--registration", choices=("demons", "bspline", "none"), default="none",
-                    help="S.2 deformable stage after the affine one (other-atlases)")
+    ap.add_argument("--registration", choices=("demons", "bspline", "none"), default=S2_DEFORMABLE,
+                    help="S.2 deformable stage after the affine one (other-atlases; default as calibrate)")
     ap.add_argument("--sigma-field", type=float, default=1.5,
                     help="S.2 demons field smoothing in voxels (other-atlases)")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")

@@ -54,14 +54,11 @@ def parse_setting(text: str) -> tuple[str, float, int]:
 
 def main(argv=None) -> int:
     import scipy.ndimage as ndi
-    import SimpleITK as sitk
 
     import recovery as R
     from GBMMassEffectLib.backend import get_backend, to_numpy
     from GBMMassEffectLib.forward import ForwardParams, run_forward
-    from GBMMassEffectLib.registration import register_patient_to_atlas, warp_to_atlas
     from GBMMassEffectLib.spectral import SpectralOps
-    from GBMMassEffectLib.tissue import Tissues
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=int, default=32)
@@ -77,13 +74,6 @@ def main(argv=None) -> int:
     anat = {name: R.Anatomy(name, ops) for name in dict.fromkeys([args.patient_atlas, *args.atlases])}
     patient = R.Patient(args.case, anat[args.patient_atlas], ops, "concentration")
     truth = patient.truth
-    wm, gm, vt, csf = patient.s1_tissues()
-    T = Tissues(wm, gm, vt, csf, patient.tissues.bg)
-    gp = patient.anatomy.geom
-
-    def channels(geom, tissues):
-        f = {k: to_numpy(getattr(tissues, k)).astype(np.float32) for k in ("wm", "gm", "vt", "csf")}
-        return {"vt": geom.image(f["vt"]), "gm": geom.image(f["gm"]), "wm_csf": geom.image(f["wm"] + f["csf"])}
 
     rows = []
     t0 = time.perf_counter()
@@ -92,17 +82,8 @@ def main(argv=None) -> int:
         cells = []
         for name in args.atlases:
             target = anat[name]
-            reg = register_patient_to_atlas(channels(gp, T), channels(target.geom, target.tissues),
-                                            gp.image(mask.astype(np.uint8)), deformable=method,
-                                            sigma_field=sigma_field)
-
-            def warp(a):
-                img = warp_to_atlas(gp.image(np.asarray(to_numpy(a), dtype=np.float32)), reg)
-                return sitk.GetArrayFromImage(img).astype(np.float64)
-
-            c0 = warp(patient.c0)
-            c0 /= c0.max()
-            vt_p = warp(patient.vt)
+            c0, _, _, vt_p, _ = R.warp_patient_to(patient, target, ops, patient.c0, method, sigma_field, mask)
+            vt_p = to_numpy(vt_p)
             misfits = []
             for g in GAMMAS:
                 f = run_forward(ops, target.tissues, c0, ForwardParams(kappa=truth.kappa, rho=truth.rho, gamma=g))
