@@ -39,8 +39,11 @@ Stages:
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
   Aggregate: aggregate.py (dropping rules, mean ± std, voxel-wise averages).
-Atlases run one after the other; S.3 already runs its four finite-difference solves
-concurrently (options.s3.workers).
+Atlases run one after the other here; S.3 already runs its four finite-difference solves
+concurrently (options.s3.workers). The pipeline is cut at its joints (prepare_calibration:
+inputs, tissue, atlas choice, S.1; calibrate_atlas: S.2 + S.3 on one atlas;
+CalibrationAssembly: outputs and report), so cohort.py runs the same steps as
+independent (patient, atlas) Dask tasks.
 
 Atlases whose run fails (registration or S.3 error) are recorded and dropped, not fatal.
 If every atlas meets a dropping rule, the summary and volumes use all atlases with a
@@ -470,15 +473,52 @@ def _versions(backend) -> dict:
     return v(backend)
 
 
-def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, cancel=None) -> dict:
-    """Run the pipeline, write every output through `outputs` (report.json last) and
-    return the report. progress(dict) receives {stage, fraction (overall, monotone),
-    stage_fraction, message, ...}; cancel() is polled (progress.Cancelled)."""
+@dataclass
+class CalibrationSetup:
+    """A patient after the per-patient work (tissue, atlas choice by ventricle volume, S.1):
+    what every per-atlas task (S.2 + S.3) needs. Plain data (numpy arrays, SimpleITK images
+    and transforms, atlas records), so a cohort can ship it to Dask workers."""
+
+    job: CalibrateJob
+    patient: Patient
+    tissue_img: sitk.Image
+    tissue_source: str
+    notes: list
+    vt_ml: float
+    chosen: list  # [(Atlas, why)]
+    registrations: dict  # atlas name → Registration from the T1 path (T1-only patients)
+    geom_p: BoxGeometry
+    c0_box: np.ndarray  # S.1's c0 on the patient box (max 1)
+    s1_kappa: float
+    s1_rho: float
+    s1_report: dict
+    reg_opt: dict
+    s1_opt: object
+    s3_opt: object
+    timings: dict
+    t_start: float
+
+    @property
+    def box_spacing(self) -> float:
+        return self.job.box_mm / self.job.grid
+
+    @property
+    def pred_times(self) -> list:
+        return sorted(float(t) for t in self.job.predict_times)
+
+
+def _as_progress(progress) -> "_Progress":
+    return progress if isinstance(progress, _Progress) else _Progress(progress)
+
+
+def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> CalibrationSetup:
+    """The per-patient part of the pipeline: read and check the inputs, the patient tissue
+    (given, or derived through the T1), the atlas choice (§6) and S.1 on the patient box."""
     from .atlases import AtlasError, load_atlas_set, select_atlases, ventricle_volume_ml
     from .spectral import SpectralOps
 
     job.validate()
-    P = _Progress(progress)
+    P = _as_progress(progress)
     timings: dict = {}
     t_all = time.perf_counter()
     P("setup", 0.0, 0.03, 0.0, "reading the inputs")
@@ -544,7 +584,6 @@ def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, c
     except ValueError as exc:  # data the S.1 basis cannot represent: an input problem
         raise InputError(f"S.1: {exc} (the tumor is too small for the {job.grid}^3 box of "
                          f"{geom_p.spacing:.3g} mm voxels; use a finer --grid)") from None
-    c0_p = s1.c0
     timings["S.1_s"] = time.perf_counter() - t0
     check_cancel(cancel)
     centres = np.asarray(s1.centres, float)
@@ -558,41 +597,69 @@ def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, c
         "centres_lps_mm": [geom_p.domain_to_physical(c).tolist() for c in centres],
         "seconds": timings["S.1_s"],
     }
+    return CalibrationSetup(
+        job=job, patient=patient, tissue_img=tissue_img, tissue_source=tissue_source, notes=notes,
+        vt_ml=vt_ml, chosen=list(chosen), registrations=registrations, geom_p=geom_p,
+        c0_box=to_numpy(s1.c0).astype(np.float32), s1_kappa=float(s1.kappa), s1_rho=float(s1.rho),
+        s1_report=s1_report, reg_opt=reg_opt, s1_opt=s1_opt, s3_opt=s3_opt, timings=timings, t_start=t_all)
 
-    # ---- S.2 + S.3 per atlas -------------------------------------------------------------
+
+def _atlas_span(setup: CalibrationSetup, i: int) -> tuple[float, float]:
     lo, hi = STAGE_SPAN["atlases"]
-    n_at = len(chosen)
-    entries: list[dict] = []
-    acc_kept, acc_all = aggregate.VolumeAverage(), aggregate.VolumeAverage()
-    c0_img_p = geom_p.image(to_numpy(c0_p).astype(np.float32))
-    pred_times = sorted(float(t) for t in job.predict_times)
-    out = outputs.folder
-    files: dict = {}
-    for i, (atlas, why) in enumerate(chosen):
-        a_lo, a_hi = lo + (hi - lo) * i / n_at, lo + (hi - lo) * (i + 1) / n_at
-        entry = {"name": atlas.name, "index": i + 1, "chosen_because": why,
-                 "ventricle_ml": atlas.ventricle_ml, "failed": False}
-        t_a = time.perf_counter()
-        try:
-            # a T1-only patient's registrations carry its data only when both stages agree;
-            # otherwise its derived tissue is registered again (affine only by default)
-            reuse = registrations.get(atlas.name) if reg_opt["t1_deformable"] == reg_opt["deformable"] else None
-            vols = _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_opt, s3_opt,
-                              reuse, box_spacing, pred_times, entry,
-                              P, a_lo, a_hi, cancel)
-        except aggregate.AllAtlasesFailed:
-            raise
-        except ValueError as exc:  # a failed atlas is dropped, not the run
-            vols = None
-            entry.update(failed=True, error=" ".join(str(exc).split()))
-        except RuntimeError as exc:
-            vols = None
-            entry.update(failed=True, error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-        entry["seconds"] = time.perf_counter() - t_a
-        entry["dropped"] = aggregate.drop_reason(entry)
-        check_cancel(cancel)
+    n_at = len(setup.chosen)
+    return lo + (hi - lo) * i / n_at, lo + (hi - lo) * (i + 1) / n_at
+
+
+def calibrate_atlas(setup: CalibrationSetup, i: int, progress=None, cancel=None) -> tuple[dict, dict | None]:
+    """S.2 + S.3 on the setup's i-th chosen atlas (an independent task): the atlas's report
+    entry and its patient-space volumes, or (entry marked failed, None) when its
+    registration or S.3 failed (dropped, not fatal: §6)."""
+    from .spectral import SpectralOps
+
+    P = _as_progress(progress)
+    job, reg_opt = setup.job, setup.reg_opt
+    atlas, why = setup.chosen[i]
+    a_lo, a_hi = _atlas_span(setup, i)
+    entry = {"name": atlas.name, "index": i + 1, "chosen_because": why,
+             "ventricle_ml": atlas.ventricle_ml, "failed": False}
+    t_a = time.perf_counter()
+    ops = SpectralOps(job.grid, get_backend(job.device, job.precision))
+    c0_img_p = setup.geom_p.image(setup.c0_box)
+    try:
+        # a T1-only patient's registrations carry its data only when both stages agree;
+        # otherwise its derived tissue is registered again (affine only by default)
+        reuse = setup.registrations.get(atlas.name) if reg_opt["t1_deformable"] == reg_opt["deformable"] else None
+        vols = _one_atlas(job, setup.patient, atlas, setup.tissue_img, setup.geom_p, c0_img_p,
+                          (setup.s1_kappa, setup.s1_rho), ops, reg_opt, setup.s3_opt, reuse,
+                          setup.box_spacing, setup.pred_times, entry, P, a_lo, a_hi, cancel)
+    except aggregate.AllAtlasesFailed:
+        raise
+    except ValueError as exc:  # a failed atlas is dropped, not the run
+        vols = None
+        entry.update(failed=True, error=" ".join(str(exc).split()))
+    except RuntimeError as exc:
+        vols = None
+        entry.update(failed=True, error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    entry["seconds"] = time.perf_counter() - t_a
+    entry["dropped"] = aggregate.drop_reason(entry)
+    return entry, vols
+
+
+class CalibrationAssembly:
+    """Writes one patient's outputs as its atlases finish (atlas_<name>/ files, running
+    voxel-wise sums), then the averaged volumes and report.json last (§6 "Aggregate")."""
+
+    def __init__(self, setup: CalibrationSetup, outputs: CalibrateOutputs, progress=None):
+        self.setup, self.outputs = setup, outputs
+        self.P = _as_progress(progress)
+        self.entries: list[dict] = []
+        self.acc_kept, self.acc_all = aggregate.VolumeAverage(), aggregate.VolumeAverage()
+
+    def add(self, entry: dict, vols: dict | None) -> None:
+        """One atlas's result (in any order; the report lists them by index)."""
+        outputs, ref = self.outputs, self.setup.patient.reference
         if vols is not None:
-            sub = outputs.subfolder(f"atlas_{_slug(atlas.name)}")
+            sub = outputs.subfolder(f"atlas_{_slug(entry['name'])}")
             written = {}
             for name, arr in (("predicted_tumor.nrrd", vols["predicted_tumor"]),
                               ("displacement_norm.nrrd", vols["displacement_norm"])):
@@ -603,73 +670,97 @@ def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, c
                                                          lambda tmp: io.write_image(vimg, tmp))
             entry["outputs"] = written
             outputs.write_json(os.path.join(sub, "result.json"), entry)
-            acc_all.add(vols)
+            self.acc_all.add(vols)
             if not entry["dropped"]:
-                acc_kept.add(vols)
-        entries.append(entry)
-        P("S.3", a_lo, a_hi, 1.0, f"atlas {atlas.name}: " + (
-            f"dropped ({entry['dropped']})" if entry["dropped"] else "kept"), atlas=i + 1)
-    timings["atlases_s"] = sum(e["seconds"] for e in entries)
+                self.acc_kept.add(vols)
+        self.entries.append(entry)
+        a_lo, a_hi = _atlas_span(self.setup, entry["index"] - 1)
+        self.P("S.3", a_lo, a_hi, 1.0, f"atlas {entry['name']}: " + (
+            f"dropped ({entry['dropped']})" if entry["dropped"] else "kept"), atlas=entry["index"])
 
-    # ---- aggregate -----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    summary = aggregate.summarise(entries)
-    acc = acc_kept if acc_kept.n else acc_all
-    P("output", *STAGE_SPAN["output"], 0.0, f"averaging {acc.n} atlas(es) in patient space")
+    def finish(self, cancel=None) -> dict:
+        """Averages, report.json (last); returns the report."""
+        setup, outputs, P = self.setup, self.outputs, self.P
+        job, ref, geom_p = setup.job, setup.patient.reference, setup.geom_p
+        entries = sorted(self.entries, key=lambda e: e["index"])
+        timings = dict(setup.timings)
+        timings["atlases_s"] = sum(e["seconds"] for e in entries)
+        t0 = time.perf_counter()
+        summary = aggregate.summarise(entries)
+        acc = self.acc_kept if self.acc_kept.n else self.acc_all
+        P("output", *STAGE_SPAN["output"], 0.0, f"averaging {acc.n} atlas(es) in patient space")
+        out = outputs.folder
+        files: dict = {}
 
-    def put(name, arr, vector=False):
+        def put(name, arr, vector=False):
+            check_cancel(cancel)
+            a = np.moveaxis(arr, 0, -1) if vector else arr
+            img = io.image_like(a.astype(np.float32), ref, is_vector=vector)
+            files[name] = outputs.write(os.path.join(out, name), lambda tmp: io.write_image(img, tmp))
+
+        put("predicted_tumor.nrrd", np.clip(acc.mean("predicted_tumor"), 0, 1))
+        put("displacement_norm.nrrd", acc.mean("displacement_norm"))
+        put("displacement_norm_std.nrrd", acc.std("displacement_norm"))
+        put("displacement.nrrd", acc.mean("displacement"), vector=True)
+        c0_ref = sitk.GetArrayFromImage(sitk.Clamp(geom_p.from_box(setup.c0_box, ref, "linear"),
+                                                   sitk.sitkFloat32, 0.0, 1.0))
+        put("initial_condition.nrrd", c0_ref)
+        for t in setup.pred_times:
+            put(f"predicted_tumor_t{t:g}.nrrd", np.clip(acc.mean(f"c_t{t:g}"), 0, 1))
+        if setup.tissue_source != "tissue label map":
+            files["patient_tissue_labels.nrrd"] = outputs.write(
+                os.path.join(out, "patient_tissue_labels.nrrd"), lambda tmp: io.write_image(setup.tissue_img, tmp))
+        timings["output_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - setup.t_start
+        backend = get_backend(job.device, job.precision)
+        report = {
+            "command": "calibrate",
+            "inputs": {"tumor": job.tumor_labels or job.tumor_core or job.tumor_concentration,
+                       "tumor_source": setup.patient.tumor_source, "edema": job.edema, "t1": job.t1,
+                       "tissue_labels": job.tissue_labels, "atlas_set": job.atlas_set,
+                       "patient_geometry": io.geometry_dict(ref)},
+            "options": job.to_dict(),
+            "effective_options": {"s1": dataclasses.asdict(setup.s1_opt), "s3": dataclasses.asdict(setup.s3_opt),
+                                  "registration": setup.reg_opt},
+            "patient_tissue_source": setup.tissue_source,
+            "patient_ventricle_ml": setup.vt_ml,
+            "box": geom_p.to_dict(),
+            "s1": setup.s1_report,
+            "atlases": entries,
+            "mean": summary.mean,
+            "std": summary.std,
+            "summary": {"mean": summary.mean, "std": summary.std, "atlases_used": summary.kept,
+                        "basis": summary.basis, "n_atlases": len(entries),
+                        "n_dropped": sum(1 for e in entries if e["dropped"])},
+            "dropped": {e["name"]: e["dropped"] for e in entries if e["dropped"]},
+            "units": {"kappa, rho, gamma": "paper (non-dimensional; box edge 2π = box_mm)",
+                      "max_u_mm": "mm",
+                      "displacement": "LPS mm on the patient grid; deformed(x) ≈ healthy(x − u(x))"},
+            "notes": setup.notes,
+            "timings": timings,
+            "device": {"name": backend.name, "device": backend.device_name, "requested": job.device},
+            "versions": _versions(backend),
+            "outputs": {k: str(v) for k, v in files.items()},
+        }
         check_cancel(cancel)
-        a = np.moveaxis(arr, 0, -1) if vector else arr
-        img = io.image_like(a.astype(np.float32), ref, is_vector=vector)
-        files[name] = outputs.write(os.path.join(out, name), lambda tmp: io.write_image(img, tmp))
+        outputs.write_json(os.path.join(out, "report.json"), report)
+        P("done", 0.0, 1.0, 1.0, "finished")
+        return report
 
-    put("predicted_tumor.nrrd", np.clip(acc.mean("predicted_tumor"), 0, 1))
-    put("displacement_norm.nrrd", acc.mean("displacement_norm"))
-    put("displacement_norm_std.nrrd", acc.std("displacement_norm"))
-    put("displacement.nrrd", acc.mean("displacement"), vector=True)
-    c0_ref = sitk.GetArrayFromImage(sitk.Clamp(geom_p.from_box(to_numpy(c0_p).astype(np.float32), ref, "linear"),
-                                               sitk.sitkFloat32, 0.0, 1.0))
-    put("initial_condition.nrrd", c0_ref)
-    for t in pred_times:
-        put(f"predicted_tumor_t{t:g}.nrrd", np.clip(acc.mean(f"c_t{t:g}"), 0, 1))
-    if tissue_source != "tissue label map":
-        files["patient_tissue_labels.nrrd"] = outputs.write(
-            os.path.join(out, "patient_tissue_labels.nrrd"), lambda tmp: io.write_image(tissue_img, tmp))
-    timings["output_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
 
-    report = {
-        "command": "calibrate",
-        "inputs": {"tumor": job.tumor_labels or job.tumor_core or job.tumor_concentration,
-                   "tumor_source": patient.tumor_source, "edema": job.edema, "t1": job.t1,
-                   "tissue_labels": job.tissue_labels, "atlas_set": job.atlas_set,
-                   "patient_geometry": io.geometry_dict(ref)},
-        "options": job.to_dict(),
-        "effective_options": {"s1": dataclasses.asdict(s1_opt), "s3": dataclasses.asdict(s3_opt),
-                              "registration": reg_opt},
-        "patient_tissue_source": tissue_source,
-        "patient_ventricle_ml": vt_ml,
-        "box": geom_p.to_dict(),
-        "s1": s1_report,
-        "atlases": entries,
-        "mean": summary.mean,
-        "std": summary.std,
-        "summary": {"mean": summary.mean, "std": summary.std, "atlases_used": summary.kept,
-                    "basis": summary.basis, "n_atlases": len(entries),
-                    "n_dropped": sum(1 for e in entries if e["dropped"])},
-        "dropped": {e["name"]: e["dropped"] for e in entries if e["dropped"]},
-        "units": {"kappa, rho, gamma": "paper (non-dimensional; box edge 2π = box_mm)",
-                  "max_u_mm": "mm", "displacement": "LPS mm on the patient grid; deformed(x) ≈ healthy(x − u(x))"},
-        "notes": notes,
-        "timings": timings,
-        "device": {"name": backend.name, "device": backend.device_name, "requested": job.device},
-        "versions": _versions(backend),
-        "outputs": {k: str(v) for k, v in files.items()},
-    }
-    check_cancel(cancel)
-    outputs.write_json(os.path.join(out, "report.json"), report)
-    P("done", 0.0, 1.0, 1.0, "finished")
-    return report
+def run_calibrate(job: CalibrateJob, outputs: CalibrateOutputs, progress=None, cancel=None) -> dict:
+    """Run the pipeline, write every output through `outputs` (report.json last) and
+    return the report. progress(dict) receives {stage, fraction (overall, monotone),
+    stage_fraction, message, ...}; cancel() is polled (progress.Cancelled). The atlases
+    run one after the other here; cohort.py runs them as independent Dask tasks."""
+    P = _Progress(progress)
+    setup = prepare_calibration(job, P, cancel)
+    assembly = CalibrationAssembly(setup, outputs, P)
+    for i in range(len(setup.chosen)):
+        entry, vols = calibrate_atlas(setup, i, P, cancel)
+        check_cancel(cancel)
+        assembly.add(entry, vols)
+    return assembly.finish(cancel)
 
 
 def _on_grid(arr: np.ndarray, src: sitk.Image, dst: sitk.Image) -> np.ndarray:
@@ -782,7 +873,7 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
     return tissue, chosen, {n: regs[n] for n in names}, best
 
 
-def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_opt, s3_opt, reg,
+def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, ops, reg_opt, s3_opt, reg,
                box_spacing, pred_times, entry, P, a_lo, a_hi, cancel) -> dict:
     """S.2 (unless done) and S.3 on one atlas; fills entry; returns patient-space volumes."""
     from .forward import ForwardParams, run_forward
@@ -832,7 +923,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1, ops, reg_o
     vt_a = warp_fraction_to_box(onehot(tarr, [7], tissue_img), reg, geom_a, m_t)
     vt_a = ops.smooth(xp.asarray(vt_a, dtype=dt))
     check_cancel(cancel)
-    initial = {"gamma": job.gamma0, "rho": float(s1.rho), "kappa": float(s1.kappa)}
+    s1_kappa, s1_rho = s1_kappa_rho
+    initial = {"gamma": job.gamma0, "rho": float(s1_rho), "kappa": float(s1_kappa)}
     entry["initial"] = initial
 
     def s3_progress(d):

@@ -21,6 +21,11 @@ calibrate: the multistage calibration (calibrate.py): --job DIR reads DIR/job.js
 Outputs: predicted_tumor, displacement_norm (mm), displacement_norm_std, displacement
 (LPS mm), initial_condition (.nrrd, patient grid), atlas_<name>/, report.json last.
 
+cohort: many calibrate job folders as (patient, atlas) tasks on Dask (cohort.py): --jobs
+DIR... (folders with job.json, or their parents), --out (cohort_report.json and
+cohort_summary.csv), --scheduler ADDRESS or a local cluster of --workers processes. Exit 0
+when every patient completed; 1 (result line listing the failed) when some did not.
+
 demo: a synthetic patient (preset tc-b) from the bundled atlas set, calibrated with the
 true atlas and one other at grid 32 (demo.py); human-readable lines unless --json;
 --full selects the paper setting; outputs in ./gbm-demo-output by default.
@@ -35,9 +40,7 @@ import traceback
 from . import __version__
 from . import progress as pg
 
-_PLACEHOLDERS = {
-    "cohort": "many patients on Dask",
-}
+_PLACEHOLDERS: dict = {}
 
 
 class UsageError(ValueError):
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_calibrate(sub)
     _add_demo(sub)
+    _add_cohort(sub)
 
     for name, text in _PLACEHOLDERS.items():
         q = sub.add_parser(name, help=f"{text} (not implemented yet)")
@@ -166,6 +170,21 @@ def _add_demo(sub) -> None:
     d.add_argument("--atlas-set", dest="atlas_set", default="bundled",
                    help="atlas set folder (default: the bundled set; the first atlas 'mni152' or the set's first is the true one)")
     d.add_argument("--json", action="store_true", help="JSON progress lines instead of text (the process contract)")
+
+
+def _add_cohort(sub) -> None:
+    k = sub.add_parser("cohort", help="many patients: their (patient, atlas) tasks on Dask",
+                       description="Calibrate many patients, each a calibrate job folder (DIR/job.json, "
+                                   "outputs in DIR/out as with calibrate --job), as independent "
+                                   "(patient, atlas) tasks on Dask distributed (cohort.py).")
+    k.add_argument("--jobs", nargs="+", required=True, metavar="DIR",
+                   help="job folders (each holding job.json), or folders whose sub-folders are")
+    k.add_argument("--out", default="gbm-cohort-output",
+                   help="folder for cohort_report.json and cohort_summary.csv (default ./gbm-cohort-output)")
+    k.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (default: a local cluster)")
+    k.add_argument("--workers", type=int, help="local worker processes (default: half the CPUs)")
+    k.add_argument("--threads-per-worker", dest="threads_per_worker", type=int, default=1,
+                   help="threads per local worker (default 1)")
 
 
 def _open_outputs(folder: str, outputs_holder: list, outputs_cls):
@@ -270,6 +289,47 @@ def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
     return pg.EXIT_OK
 
 
+def _cohort(args, outputs_holder: list, token: pg.CancelToken) -> int:
+    import time as _time
+
+    from .cohort import cohort_report, dask_client, find_job_folders, load_patients, run_cohort, \
+        write_cohort_outputs
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.threads_per_worker < 1:
+        raise UsageError(f"--threads-per-worker must be at least 1, got {args.threads_per_worker}")
+    t0 = _time.perf_counter()
+    patients = load_patients(find_job_folders(args.jobs))
+    if all(p.error for p in patients):
+        raise UsageError("no valid job: " + "; ".join(f"{p.name}: {p.error}" for p in patients))
+    outputs, report_path = _open_outputs(args.out, outputs_holder, pg.OutputSet)
+    for name in ("cohort_summary.csv",):
+        stale = os.path.join(outputs.folder, name)
+        if os.path.exists(stale):
+            os.remove(stale)
+    report_path = os.path.join(outputs.folder, "cohort_report.json")
+    if os.path.exists(report_path):
+        os.remove(report_path)
+    with dask_client(args.scheduler, args.workers, args.threads_per_worker) as client:
+        info = {"scheduler": args.scheduler or "local",
+                "workers": len(client.scheduler_info().get("workers", {})),
+                "threads_per_worker": args.threads_per_worker}
+        pg.emit({"event": "progress", "stage": "cohort", "fraction": 0.0,
+                 "message": f"{len(patients)} patient(s) on {info['workers']} Dask worker(s)"})
+        run_cohort(patients, client, progress=lambda d: pg.emit({"event": "progress", **d}), cancel=token,
+                   holder=outputs_holder)
+    report = cohort_report(patients, info, _time.perf_counter() - t0)
+    write_cohort_outputs(outputs, report)
+    token.finish()
+    failed = [r["name"] for r in report["patients"] if r["status"] != "ok"]
+    if failed:  # the others' outputs are complete; the exit code says not all are
+        pg.emit({"event": "result", "path": report_path, "failed": failed})
+        return pg.EXIT_FAILURE
+    pg.result(report_path)
+    return pg.EXIT_OK
+
+
 def _exit_code_for(exc: BaseException) -> int:
     from .aggregate import AllAtlasesFailed
     from .backend import DeviceError
@@ -316,6 +376,8 @@ def main(argv=None) -> int:
             return _calibrate(args, outputs_holder, token)
         if args.command == "demo":
             return _demo(args, outputs_holder, token)
+        if args.command == "cohort":
+            return _cohort(args, outputs_holder, token)
         raise UsageError(f"unknown command {args.command!r}")
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) else 0

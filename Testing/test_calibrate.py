@@ -262,6 +262,82 @@ def test_sigterm_leaves_nothing(case, tmp_path):
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def test_cohort_on_dask_gives_the_single_runs_outputs(case, full_run, tmp_path):
+    """cohort: three job folders on a local Dask cluster of two workers: the valid one gets
+    exactly full_run's outputs and numbers (the same pipeline cut into (patient, atlas)
+    tasks); a patient whose input is bad and a folder with a broken job.json are reported
+    as failed (their outputs absent) without stopping it; exit 1 with a result line."""
+    root = tmp_path / "cohort"
+    _job(case, root / "p1", predict_times=[1.2])
+    _job(case, root / "p2", tumor_labels=str(case["dir"] / "empty_tumor.nrrd"))
+    (root / "p3").mkdir()
+    (root / "p3" / "job.json").write_text("{not json")
+    proc, events = run_cli("cohort", "--jobs", root, "--out", tmp_path / "co", "--workers", 2)
+    assert proc.returncode == 1, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert events[-1] == {"event": "result", "path": str(tmp_path / "co" / "cohort_report.json"),
+                          "failed": ["p2", "p3"]}
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    co = json.loads((tmp_path / "co" / "cohort_report.json").read_text())
+    rows = {r["name"]: r for r in co["patients"]}
+    assert co["n_ok"] == 1 and co["n_failed"] == 2 and co["dask"]["workers"] == 2
+    assert "is empty" in rows["p2"]["error"] and "job.json" in rows["p3"]["error"]
+    assert not (root / "p2" / "out").exists()
+    single = json.loads((full_run["out"] / "report.json").read_text())
+    mine = json.loads((root / "p1" / "out" / "report.json").read_text())
+    assert rows["p1"]["report"] == str(root / "p1" / "out" / "report.json")
+    for k in ("kappa", "rho", "gamma", "max_u_mm"):
+        assert mine["mean"][k] == pytest.approx(single["mean"][k], rel=1e-6), k
+        assert rows["p1"]["mean"][k] == mine["mean"][k]
+    assert [e["name"] for e in mine["atlases"]] == [e["name"] for e in single["atlases"]]
+    files = sorted(str(p.relative_to(full_run["out"])) for p in full_run["out"].rglob("*"))
+    assert sorted(str(p.relative_to(root / "p1" / "out")) for p in (root / "p1" / "out").rglob("*")) == files
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "p1" / "out" / "displacement_norm.nrrd")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(full_run["out"] / "displacement_norm.nrrd")))
+    assert np.allclose(a, b, atol=1e-4)
+    csv_rows = (tmp_path / "co" / "cohort_summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("patient,status,kappa_mean,kappa_std") and len(csv_rows) == 4
+    assert csv_rows[1].startswith("p1,ok,")
+
+
+def test_cohort_sigterm_stops_workers_and_leaves_nothing(case, tmp_path):
+    """SIGTERM while the cohort's patients are in S.1 on the Dask workers: exit 143 within
+    seconds, the worker processes are gone and no patient output is left."""
+    import psutil
+
+    root = tmp_path / "cohort"
+    for name in ("p1", "p2"):
+        _job(case, root / name)
+    proc = subprocess.Popen([sys.executable, "-m", "GBMMassEffectLib", "cohort", "--jobs", str(root),
+                             "--out", str(tmp_path / "co"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if "submitted" in lines[-1].get("message", ""):
+                break
+        time.sleep(2.0)  # the prepare tasks are running on the workers
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # the local cluster's worker processes
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines += [json.loads(x) for x in rest.splitlines()]
+    assert proc.returncode == 143 and elapsed < 10
+    assert lines[-1]["event"] == "error" and lines[-1].get("cancelled")
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    for name in ("p1", "p2"):
+        assert not (root / name / "out").exists()
+    assert not (tmp_path / "co" / "cohort_report.json").exists()
+
+
 # ---- aggregation (pure) ------------------------------------------------------------------------
 def _entry(name, **kw):
     e = {"name": name, "failed": False, "kappa": 0.02, "rho": 10.0, "gamma": 0.5, "max_u_mm": 10.0,

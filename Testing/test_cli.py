@@ -212,11 +212,18 @@ def test_bad_inputs_give_one_json_error(atlas_files, tmp_path):
     proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ijk", "1,2", "--out", out)
     assert_one_line_error(proc, ev, 2, "three")
     assert not out.exists() or not os.listdir(out)
-    # calibrate without a job.json is a bad input; cohort is not implemented yet
+    # calibrate without a job.json, a cohort without job folders: bad input, no Dask started
     proc, ev = run_cli("calibrate", "--job", tmp_path)
     assert_one_line_error(proc, ev, 2, "no job.json")
-    proc, ev = run_cli("cohort", "--job", tmp_path)
-    assert_one_line_error(proc, ev, 1, "not implemented yet")
+    proc, ev = run_cli("cohort", "--jobs", tmp_path / "nowhere")
+    assert_one_line_error(proc, ev, 2, "does not exist")
+    proc, ev = run_cli("cohort", "--jobs", tmp_path, "--out", tmp_path / "co")
+    assert_one_line_error(proc, ev, 2, "no job.json and no sub-folder with one")
+    (tmp_path / "badjob").mkdir()
+    (tmp_path / "badjob" / "job.json").write_text("[]")
+    proc, ev = run_cli("cohort", "--jobs", tmp_path / "badjob", "--out", tmp_path / "co")
+    assert_one_line_error(proc, ev, 2, "no valid job: badjob: job.json must hold a JSON object")
+    assert not (tmp_path / "co").exists()
 
 
 def test_sigterm_stops_and_leaves_nothing(atlas_files, tmp_path):
