@@ -267,6 +267,9 @@ def run_cohort(patients: list[CohortPatient], client, progress=None, cancel=None
     except (Cancelled, KeyboardInterrupt):
         kill()  # the local workers first: their solves do not poll our token
         raise
+    for p in patients:  # a prepared patient with no atlas task would otherwise look done
+        if not p.finished:
+            fail(p, "the run ended without a result for this patient (no atlas task ran)")
     return patients
 
 
