@@ -302,21 +302,6 @@ def pull_back(ops: SpectralOps, c0, u):
     return c / ops.dtype.type(top) if top > 0 else c
 
 
-def prolong_displacement(u, n: int):
-    """A coarse level's u (3, m, m, m) on the fine n³ grid (host numpy, float64): linear and
-    periodic, at the fine voxels' positions within restrict()'s blocks."""
-    import scipy.ndimage
-
-    from .backend import to_numpy
-
-    u = np.asarray(to_numpy(u), dtype=np.float64)
-    m = u.shape[-1]
-    f = n // m
-    q = (np.arange(n) - (f - 1) / 2.0) / f
-    coords = np.stack(np.meshgrid(q, q, q, indexing="ij"))
-    return np.stack([scipy.ndimage.map_coordinates(c, coords, order=1, mode="grid-wrap") for c in u])
-
-
 def _relative_change(xp, a, b) -> float:
     den = float(xp.sqrt(xp.sum(b * b, dtype=np.float64)))
     return float(xp.sqrt(xp.sum((a - b) ** 2, dtype=np.float64))) / den if den > 0 else math.inf
@@ -333,9 +318,12 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     at ‖P g‖ ≤ gtol_rel·‖P g(x_0)‖ with g(x_0) the gradient at the coarsest start, so the
     result satisfies the same rule as a single-level run, for a fraction of the fine solves.
 
-    With options.c0_pullback = K > 0, each level pulls c0 back with the latest displacement
-    (the previous level's, prolonged, before its first solve) and re-solves from its own
-    optimum up to K times (module docstring); result.c0 is the c0 of the final solve.
+    With options.c0_pullback = K > 0, the finest level pulls c0 back with its optimum's
+    displacement and re-solves from that optimum up to K times (module docstring);
+    result.c0 is the c0 of the final solve. Coarse levels only warm-start (γ, ρ, κ): the
+    block-averaged problem has its own optimum (γ 1.09 for γ* 0.8 at 32³ from 64³ data,
+    true c0), and pulling c0 back with its displacement compounds that bias (measured at
+    64³ TC(c), S.1's c0: the coarse γ went 1.19 → 1.5, the bound, over two rounds).
     """
     options = options or MassEffectOptions()
     t0 = time.perf_counter()
@@ -348,7 +336,6 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     n_forward_coarse = 0
     n_forward_fine = 0
     history: list[dict] = []
-    u_prev = None
     for k, m in enumerate(levels):
         check_cancel(cancel)
         fine = m == ops.n
@@ -367,12 +354,11 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         xp = lops.xp
         c0_given = xp.asarray(c0_l, dtype=lops.dtype)
         c0_cur = c0_given
-        if options.c0_pullback > 0 and u_prev is not None:
-            c0_cur = pull_back(lops, c0_given, prolong_displacement(u_prev, m))
+        n_rounds = options.c0_pullback if fine else 0  # coarse levels: a warm start only
         sub = _level_progress(progress, m, k, len(levels))
-        for rnd in range(options.c0_pullback + 1):
+        for rnd in range(n_rounds + 1):
             r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
-                                  _round_progress(sub, rnd, options.c0_pullback + 1), cancel, atlas, g0_ref)
+                                  _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
             if fine:
@@ -384,7 +370,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                    "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
                    "relative_tumor_error": r.relative_tumor_error, "max_u": r.max_u}
             r.c0 = c0_cur
-            if options.c0_pullback <= 0:
+            if n_rounds <= 0:
                 break
             c0_new = pull_back(lops, c0_given, r.forward.u)
             rec["c0_change"] = _relative_change(xp, c0_new, c0_cur)
@@ -392,10 +378,9 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             if not float(xp.max(c0_new)) > 0 or not math.isfinite(rec["c0_change"]):
                 rec["message"] += "; pull-back left no tumour: kept this c0"
                 break
-            if rnd == options.c0_pullback or rec["c0_change"] < options.c0_pullback_tol:
+            if rnd == n_rounds or rec["c0_change"] < options.c0_pullback_tol:
                 break
             c0_cur = c0_new
-        u_prev = r.forward.u
         if not fine:
             coarse_runs.append(rec)
     out = r
@@ -535,5 +520,5 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
 
 
 __all__ = ["MassEffectOptions", "MassEffectResult", "MassEffectObjective", "invert_mass_effect",
-           "to_scaled", "from_scaled", "restrict", "pull_back", "prolong_displacement", "fd_hessian",
+           "to_scaled", "from_scaled", "restrict", "pull_back", "fd_hessian",
            "hessian_condition", "condition_number", "Cancelled"]

@@ -20,7 +20,7 @@ from GBMMassEffectLib.basis import brain_mask, gaussian_atom
 from GBMMassEffectLib.forward import ForwardParams, run_forward
 from GBMMassEffectLib.mass_effect_inversion import (
     MassEffectObjective, MassEffectOptions, condition_number, fd_gradient, fd_hessian, fd_steps,
-    from_scaled, invert_mass_effect, projected_gradient_norm, prolong_displacement, pull_back, restrict,
+    from_scaled, invert_mass_effect, projected_gradient_norm, pull_back, restrict,
     to_scaled)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.tissue import Tissues
@@ -273,20 +273,6 @@ def test_c0_pullback_option_checked():
             MassEffectOptions.from_dict({"c0_pullback": bad})
 
 
-def test_prolong_displacement():
-    """Constants stay constant; a field restricted from the fine grid comes back to within
-    its block variation; the shape is the fine grid's."""
-    u = np.ones((3, 4, 4, 4)) * np.array([0.1, -0.2, 0.3])[:, None, None, None]
-    p = prolong_displacement(u, 8)
-    assert p.shape == (3, 8, 8, 8)
-    np.testing.assert_allclose(p, 0.1 * np.ones_like(p) * np.array([1, -2, 3])[:, None, None, None], atol=1e-15)
-    ops, c = _blob(16)
-    fine = np.stack([c, 2 * c, -c])
-    back = prolong_displacement(restrict(fine, 8), 16)
-    assert np.abs(back - fine).max() < 0.35 * np.abs(fine).max()
-    assert np.abs(back - fine).mean() < 0.02
-
-
 def test_recovery_with_c0_in_the_deformed_frame_16(glia_testdata):
     """S.1's c0 lives in the deformed patient frame. Here that c0 is the true c0 pushed
     forward by the true displacement. With c0 fixed (round 0: the paper's S.3) γ comes out
@@ -318,18 +304,18 @@ def test_recovery_with_c0_in_the_deformed_frame_16(glia_testdata):
 
 
 def test_pullback_coarse_to_fine_plumbing(glia_testdata):
-    """Coarse-to-fine with the pull-back: the coarse level's rounds come first, the fine
-    level starts from c0 pulled back by the coarse displacement (prolonged), so its first
-    solve already uses a moved c0; every round is reported with its grid."""
+    """Coarse-to-fine with the pull-back: the coarse level solves once with the given c0
+    (a warm start of γ, ρ, κ only: its block-averaged optimum is biased, so its u does not
+    move c0); the pull-back rounds run on the fine grid, each reported with its grid."""
     ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
     c0_p = pull_back(ops, c0, -res.u)
     r = invert_mass_effect(ops, tissues, c0_p, res.c, None, res.tissues.vt, initial=dict(TRUTH),
                            options=MassEffectOptions(workers=2, hessian=False, maxiter=2, coarse_grids=(8,),
                                                      c0_pullback=1, c0_pullback_tol=0.0))
-    assert [(x["grid"], x["round"]) for x in r.c0_rounds] == [(8, 0), (8, 1), (16, 0), (16, 1)]
-    assert [c["grid"] for c in r.coarse] == [8] and r.coarse[0]["round"] == 1
-    assert r.n_forward == sum(x["n_forward"] for x in r.c0_rounds if x["grid"] == 16)
-    assert r.n_forward_coarse == sum(x["n_forward"] for x in r.c0_rounds if x["grid"] == 8)
+    assert [(x["grid"], x["round"]) for x in r.c0_rounds] == [(16, 0), (16, 1)]
+    assert [(c["grid"], c["round"]) for c in r.coarse] == [(8, 0)]
+    assert r.n_forward == sum(x["n_forward"] for x in r.c0_rounds)
+    assert r.n_forward_coarse == r.coarse[0]["n_forward"] > 0
     c0_err = lambda a: float(np.linalg.norm(a - c0) / np.linalg.norm(c0))  # noqa: E731
     assert c0_err(r.c0) < c0_err(c0_p)
 
