@@ -40,8 +40,6 @@ import traceback
 from . import __version__
 from . import progress as pg
 
-_PLACEHOLDERS: dict = {}
-
 
 class UsageError(ValueError):
     pass
@@ -115,10 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_demo(sub)
     _add_cohort(sub)
-
-    for name, text in _PLACEHOLDERS.items():
-        q = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        q.add_argument("--job", metavar="DIR", help="job folder holding job.json")
     return p
 
 
@@ -364,12 +358,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         argv = _join_negative_vectors(list(sys.argv[1:] if argv is None else argv))
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command not in _PLACEHOLDERS:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        if args.command in _PLACEHOLDERS:
-            pg.error(f"the '{args.command}' subcommand is not implemented yet")
-            return pg.EXIT_FAILURE
+        args = parser.parse_args(argv)
         if args.command == "simulate":
             return _simulate(args, outputs_holder, token)
         if args.command == "calibrate":
