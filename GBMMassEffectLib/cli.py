@@ -340,16 +340,6 @@ def _exit_code_for(exc: BaseException) -> int:
     return pg.EXIT_FAILURE
 
 
-def _message(exc: BaseException) -> str:
-    """One line: our own errors by their message, anything else with its type name."""
-    text = " ".join(str(exc).split())
-    if type(exc).__module__.startswith("GBMMassEffectLib") and text:
-        return text
-    if isinstance(exc, (ValueError, OSError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else f"internal error ({type(exc).__name__})"
-
-
 def main(argv=None) -> int:
     """Entry point; returns the exit code (the console script exits with it)."""
     outputs_holder: list = []
@@ -385,7 +375,7 @@ def main(argv=None) -> int:
             o.rollback()
         if os.environ.get("GBM_DEBUG"):
             traceback.print_exc(file=sys.stderr)
-        pg.error(_message(exc))
+        pg.error(pg.one_line_message(exc))
         return _exit_code_for(exc)
 
 

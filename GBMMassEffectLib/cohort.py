@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .calibrate import (CalibrateJob, CalibrateOutputs, CalibrationAssembly, InputError, calibrate_atlas,
                         prepare_calibration)
-from .progress import Cancelled, OutputSet, check_cancel
+from .progress import Cancelled, OutputSet, check_cancel, one_line_message
 
 JOB_FILE = "job.json"
 PREPARE_SHARE = 0.3  # of a patient's progress: the prepare task (S.1 dominates it)
@@ -164,15 +164,6 @@ class TaskFailure:
     message: str
 
 
-def _message(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if type(exc).__module__.startswith("GBMMassEffectLib") and text:
-        return text
-    if isinstance(exc, (ValueError, OSError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else f"internal error ({type(exc).__name__})"
-
-
 def _task(fn, *args):
     """Run fn(*args) on a worker; an Exception comes back as a TaskFailure (its traceback on
     the worker's stderr only with GBM_DEBUG set)."""
@@ -183,7 +174,7 @@ def _task(fn, *args):
             import traceback
 
             traceback.print_exc()
-        return TaskFailure(_message(exc))
+        return TaskFailure(one_line_message(exc))
 
 
 def load_patients(folders) -> list[CohortPatient]:
@@ -288,7 +279,7 @@ def _drive(pending, patients, client, fail, note, cancel) -> None:
             try:
                 value = f.result()
             except Exception as exc:  # noqa: BLE001 - a patient's failure is its own (e.g. a lost worker)
-                fail(p, _message(exc))
+                fail(p, one_line_message(exc))
                 continue
             if isinstance(value, TaskFailure):
                 fail(p, value.message)
@@ -316,7 +307,7 @@ def _drive(pending, patients, client, fail, note, cancel) -> None:
                     else:
                         note(p, f"{p.name}: atlas {entry['name']} done ({p.done_atlases}/{p.n_atlases})")
             except Exception as exc:  # noqa: BLE001 - e.g. AllAtlasesFailed, a disk error
-                fail(p, _message(exc))
+                fail(p, one_line_message(exc))
 
 
 SUMMARY_COLUMNS = ("kappa", "rho", "gamma", "max_u_mm", "relative_tumor_error")

@@ -92,6 +92,17 @@ def progress(stage: str, fraction: float, message: str = "", **extra) -> dict:
     return emit("progress", stage=stage, fraction=round(f, 4), message=message, **extra)
 
 
+def one_line_message(exc: BaseException) -> str:
+    """An exception as one line: our own errors by their message, anything else with its
+    type name (no traceback reaches the user)."""
+    text = " ".join(str(exc).split())
+    if type(exc).__module__.startswith("GBMMassEffectLib") and text:
+        return text
+    if isinstance(exc, (ValueError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else f"internal error ({type(exc).__name__})"
+
+
 def error(message: str, **extra) -> dict:
     """emit an error event; the message is squeezed onto one line."""
     return emit("error", message=" ".join(str(message).split()), **extra)
