@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -25,8 +22,7 @@ import SimpleITK as sitk
 from GBMMassEffectLib import aggregate
 from GBMMassEffectLib.calibrate import CalibrateJob, InputError
 from cli_helpers import assert_one_line_error as one_line_error
-from cli_helpers import cli_env as _env
-from cli_helpers import run_cli
+from cli_helpers import run_cli, signal_cli_when
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUTS = ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement_norm_std.nrrd",
@@ -238,24 +234,13 @@ def test_sigterm_leaves_nothing(case, tmp_path):
     within seconds, and the output folder is gone (nothing half written)."""
     folder = _job(case, tmp_path / "job")
     out = folder / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "GBMMassEffectLib", "calibrate", "--job", str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(json.loads(line))
-            e = lines[-1]
-            if e.get("stage") == "S.2" and e.get("atlas") == 2:
-                break
+
+    def atlas_1_written(proc, events):
         assert list(out.rglob("result.json")), "atlas 1 should have written its outputs"
-        t0 = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-        elapsed = time.perf_counter() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines += [json.loads(x) for x in rest.splitlines()]
+
+    proc, lines, elapsed, _, _ = signal_cli_when(
+        ["calibrate", "--job", folder], lambda e: e.get("stage") == "S.2" and e.get("atlas") == 2,
+        before_signal=atlas_1_written)
     assert proc.returncode == 143
     assert elapsed < 10
     assert lines[-1]["event"] == "error" and lines[-1].get("cancelled")
@@ -309,26 +294,16 @@ def test_cohort_sigterm_stops_workers_and_leaves_nothing(case, tmp_path):
     root = tmp_path / "cohort"
     for name in ("p1", "p2"):
         _job(case, root / name)
-    proc = subprocess.Popen([sys.executable, "-m", "GBMMassEffectLib", "cohort", "--jobs", str(root),
-                             "--out", str(tmp_path / "co"), "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(json.loads(line))
-            if "submitted" in lines[-1].get("message", ""):
-                break
+
+    def workers_running(proc, events):
         time.sleep(2.0)  # the prepare tasks are running on the workers
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2  # the local cluster's worker processes
-        t0 = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-        elapsed = time.perf_counter() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines += [json.loads(x) for x in rest.splitlines()]
+        return children
+
+    proc, lines, elapsed, _, children = signal_cli_when(
+        ["cohort", "--jobs", root, "--out", tmp_path / "co", "--workers", 2],
+        lambda e: "submitted" in e.get("message", ""), before_signal=workers_running)
     assert proc.returncode == 143 and elapsed < 10
     assert lines[-1]["event"] == "error" and lines[-1].get("cancelled")
     gone, alive = psutil.wait_procs(children, timeout=5)
@@ -336,6 +311,19 @@ def test_cohort_sigterm_stops_workers_and_leaves_nothing(case, tmp_path):
     for name in ("p1", "p2"):
         assert not (root / name / "out").exists()
     assert not (tmp_path / "co" / "cohort_report.json").exists()
+
+
+def test_cohort_workers_keep_glibc_malloc_defaults():
+    """The local workers get Dask's one-thread BLAS/OpenMP settings but not its
+    MALLOC_TRIM_THRESHOLD_ (cohort.worker_environ: it halved the solver's speed)."""
+    import os
+
+    from GBMMassEffectLib.cohort import dask_client
+
+    with dask_client(workers=1) as client:
+        env = client.submit(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
+                            pure=False).result(timeout=60)
+    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
 
 
 # ---- aggregation (pure) ------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from GBMMassEffectLib import presets
 from GBMMassEffectLib import progress as pg
 from cli_helpers import assert_one_line_error, cli_env as _env
 from cli_helpers import run_cli as _run_cli
+from cli_helpers import signal_cli_when
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUT_IMAGES = ("initial_condition.nrrd", "predicted_tumor.nrrd", "displacement_norm.nrrd",
@@ -229,26 +229,10 @@ def test_bad_inputs_give_one_json_error(atlas_files, tmp_path):
 def test_sigterm_stops_and_leaves_nothing(atlas_files, tmp_path):
     out = tmp_path / "cancel"
     seed = ",".join(f"{v:g}" for v in atlas_files["seed_ijk"])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "GBMMassEffectLib", "simulate", "--labels", str(atlas_files["nifti"]),
-         "--seed-ijk", seed, "--gamma", "1.2", "--grid", "32", "--nt", "400", "--dt", "0.0025",
-         "--device", "cpu", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(json.loads(line))
-            if lines[-1].get("stage") == "forward":
-                break
-        assert lines and lines[-1].get("stage") == "forward", lines
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rest, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    lines += [json.loads(x) for x in rest.splitlines()]
+    proc, lines, elapsed, err, _ = signal_cli_when(
+        ["simulate", "--labels", atlas_files["nifti"], "--seed-ijk", seed, "--gamma", "1.2", "--grid", "32",
+         "--nt", "400", "--dt", "0.0025", "--device", "cpu", "--out", out],
+        lambda e: e.get("stage") == "forward", timeout=10)
     assert proc.returncode == pg.EXIT_CANCELLED
     # the forward polls cancel() every step; the watchdog forces a stop 3 s after the signal
     assert elapsed < 6.0, lines[-1]
