@@ -32,9 +32,11 @@ Stages:
   S.3  per atlas: mass_effect_inversion.invert_mass_effect from the atlas's (smoothed)
        tissues, started at γ = gamma0 (default 0.6, the reference's clinical start: between
        "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds), with
-       the c0 pull-back on (S3_C0_PULLBACK rounds, job option s3.c0_pullback; 0 is the
-       paper's fixed c0): S.1's c0 sits in the deformed frame, S.3 brings it back with its
-       own displacement (mass_effect_inversion's docstring; report atlases[i].c0_rounds).
+       S.1's atom weights refitted with (γ, ρ, κ) (S3_C0_REFIT, job option s3.c0_refit:
+       S.1's model has no mass effect, so its c0 is sized and placed for the wrong model;
+       each support atom goes through the registration like c0; report atlases[i].c0_weights).
+       "c0_pullback": K instead pulls S.1's c0 back K rounds with S.3's displacement; both
+       off is the paper's fixed c0 (mass_effect_inversion's docstring).
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
@@ -75,7 +77,7 @@ from .backend import get_backend, to_numpy
 from .geometry import BoxGeometry, box_for_image
 from .progress import OutputSet, check_cancel
 
-S3_C0_PULLBACK = 2  # default c0 pull-back rounds of S.3 in the pipeline (job option s3.c0_pullback)
+S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0_refit)
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -236,9 +238,11 @@ class CalibrateJob:
         from .mass_effect_inversion import MassEffectOptions
 
         d = dict(self.options.get("s3") or {})
-        # S.1's c0 is inverted on the deformed patient: pull it back to the atlas frame
-        # (mass_effect_inversion's module docstring); "c0_pullback": 0 keeps the paper's fixed c0
-        d.setdefault("c0_pullback", S3_C0_PULLBACK)
+        # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights
+        # (mass_effect_inversion's module docstring). "c0_refit": false with "c0_pullback": K
+        # pulls it back K rounds instead; both off keep the paper's fixed c0.
+        d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
+        d.setdefault("c0_pullback", 0)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:
@@ -489,6 +493,8 @@ class CalibrationSetup:
     registrations: dict  # atlas name → Registration from the T1 path (T1-only patients)
     geom_p: BoxGeometry
     c0_box: np.ndarray  # S.1's c0 on the patient box (max 1)
+    c0_atoms_box: np.ndarray | None  # S.1's support atoms on the patient box, (s, n, n, n) (c0_refit)
+    c0_weights: list | None  # their S.1 weights p (c0_box = Σ p_i φ_i / max)
     s1_kappa: float
     s1_rho: float
     s1_report: dict
@@ -597,10 +603,16 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
         "centres_lps_mm": [geom_p.domain_to_physical(c).tolist() for c in centres],
         "seconds": timings["S.1_s"],
     }
+    atoms = weights = None
+    if s3_opt.c0_refit:
+        support = s1.basis.subset(s1.support)
+        atoms = np.stack([to_numpy(support.atom(i)).astype(np.float32) for i in range(support.m)])
+        weights = [float(v) for v in np.asarray(s1.p)]
     return CalibrationSetup(
         job=job, patient=patient, tissue_img=tissue_img, tissue_source=tissue_source, notes=notes,
         vt_ml=vt_ml, chosen=list(chosen), registrations=registrations, geom_p=geom_p,
-        c0_box=to_numpy(s1.c0).astype(np.float32), s1_kappa=float(s1.kappa), s1_rho=float(s1.rho),
+        c0_box=to_numpy(s1.c0).astype(np.float32), c0_atoms_box=atoms, c0_weights=weights,
+        s1_kappa=float(s1.kappa), s1_rho=float(s1.rho),
         s1_report=s1_report, reg_opt=reg_opt, s1_opt=s1_opt, s3_opt=s3_opt, timings=timings, t_start=t_all)
 
 
@@ -629,9 +641,11 @@ def calibrate_atlas(setup: CalibrationSetup, i: int, progress=None, cancel=None)
         # a T1-only patient's registrations carry its data only when both stages agree;
         # otherwise its derived tissue is registered again (affine only by default)
         reuse = setup.registrations.get(atlas.name) if reg_opt["t1_deformable"] == reg_opt["deformable"] else None
+        atoms_p = None if setup.c0_atoms_box is None else \
+            ([setup.geom_p.image(a) for a in setup.c0_atoms_box], setup.c0_weights)
         vols = _one_atlas(job, setup.patient, atlas, setup.tissue_img, setup.geom_p, c0_img_p,
                           (setup.s1_kappa, setup.s1_rho), ops, reg_opt, setup.s3_opt, reuse,
-                          setup.box_spacing, setup.pred_times, entry, P, a_lo, a_hi, cancel)
+                          setup.box_spacing, setup.pred_times, entry, P, a_lo, a_hi, cancel, atoms_p)
     except aggregate.AllAtlasesFailed:
         raise
     except ValueError as exc:  # a failed atlas is dropped, not the run
@@ -874,8 +888,9 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
 
 
 def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, ops, reg_opt, s3_opt, reg,
-               box_spacing, pred_times, entry, P, a_lo, a_hi, cancel) -> dict:
-    """S.2 (unless done) and S.3 on one atlas; fills entry; returns patient-space volumes."""
+               box_spacing, pred_times, entry, P, a_lo, a_hi, cancel, atoms_p=None) -> dict:
+    """S.2 (unless done) and S.3 on one atlas; fills entry; returns patient-space volumes.
+    atoms_p: (S.1's support atoms as patient-box images, their weights) for c0_refit."""
     from .forward import ForwardParams, run_forward
     from .mass_effect_inversion import invert_mass_effect
     from .observation import observation_operator, tumor_data
@@ -906,6 +921,10 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     if not c0_a.max() > 1e-3:
         raise ValueError(f"atlas {atlas.name}: the initial condition falls outside the atlas after registration")
     c0_a = xp.asarray(c0_a / c0_a.max(), dtype=dt)
+    atoms_a = None
+    if atoms_p is not None:  # each S.1 atom through the same registration (c0_refit)
+        atoms_a = np.stack([np.clip(sitk.GetArrayFromImage(warp_to_atlas(a, reg, geom_a.reference_image())), 0, None)
+                            for a in atoms_p[0]]).astype(np.float64)
     if patient.concentration is not None:
         d_a = xp.asarray(np.clip(warp_fraction_to_box(io.image_like(patient.concentration, ref), reg, geom_a, m),
                                  0, 1), dtype=dt)
@@ -934,7 +953,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         P.sub("S.3", r_hi, a_lo + 0.9 * span)(d)
 
     res = invert_mass_effect(ops, T_a, c0_a, d_a, O_a, vt_a, initial=initial, options=s3_opt,
-                             progress=s3_progress, cancel=cancel, atlas=entry["index"])
+                             progress=s3_progress, cancel=cancel, atlas=entry["index"],
+                             c0_atoms=atoms_a, c0_weights=None if atoms_p is None else atoms_p[1])
     mm = geom_a.domain_unit_mm
     summ = res.summary()
     entry.update({
@@ -947,7 +967,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         "message": res.message, "success": res.success, "cfl_flagged": res.cfl_flagged,
         "gradient_norm": summ["gradient_norm"], "gradient_norm_initial": summ["gradient_norm_initial"],
         "s3_seconds": res.seconds, "history": summ["history"], "box": geom_a.to_dict(),
-        "c0_rounds": summ["c0_rounds"],
+        "c0_rounds": summ["c0_rounds"], "c0_weights": summ["c0_weights"],
     })
     P("S.3", a_lo, a_hi, 0.9, f"atlas {atlas.name}: mapping results to the patient", atlas=entry["index"])
     fwd = res.forward

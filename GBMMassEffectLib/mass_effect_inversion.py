@@ -15,7 +15,8 @@ round-off of J by 1e-5; in float32 (J accurate to ~1e-7 relative) the gradient n
 optimum is noise and the relative-gradient test stops early (measured at 16³, TC(c)-like,
 start 15% off: κ 2.9% off in float32, 7e-4 in float64, with fewer solves in float64).
 
-c0 pull-back (option c0_pullback, a deviation from the paper's fixed c0, off by default):
+c0 pull-back (option c0_pullback, a deviation from the paper's fixed c0, off by default;
+superseded by the c0 refit below, which calibrate runs by default):
 S.1 inverts c0 on the *deformed* patient with a model without mass effect, so its c0 sits
 where the tumour origin has been carried by the mass effect, not where it started in the
 undeformed atlas. The forward model moves a material point X to x ≈ X + u(X) (u at t = 1),
@@ -25,6 +26,19 @@ periodic, clipped ≥ 0, max 1) and S.3 is solved again from that optimum, up to
 until c0 changes by less than c0_pullback_tol (relative 2-norm). Measured at 32³ (TC(c),
 true atlas, S.1's c0): the tumour misfit at the true parameters drops from 0.52 to 0.13
 with c0 pulled back by the true u, and S.1's c0 centroid is 1.7 voxels from the seed.
+
+c0 refit (option c0_refit, also a deviation from the paper's fixed c0): S.3 optimises S.1's
+atom weights q with (γ, ρ, κ), c0 = Σ q_i φ_i / max (φ_i S.1's support atoms, warped into the
+atlas frame like c0; MODEL §5's Φp/max), q_i ∈ [0, c0_weight_max = 1], started from S.1's
+p/max p. c0 does not change when q is scaled, so J is flat along q; the upper bound 1 stops
+the iterates drifting outward along it (a drift that shrinks the weights' steps; without
+the bound, 32³ TC(c): weights up to 2.7). Measured (true atlas, S.1's c0, concentration
+data, weights unbounded): 32³ TC(c) γ 0.797 for γ* 0.8 (fixed c0 0.583, two pull-back rounds
+0.719); a 16³ patient made from three atoms, S.3 given wrong weights: γ 0.601 fixed,
+0.79998 refitted, c0 error 0.29 → 8e-5. The gradient takes 1 + 3 + |S| forward solves (9
+for |S| = 5, against 4 with c0 fixed); the
+Hessian condition stays the one of (γ, ρ, κ) at the optimal q. The mass-effect model itself
+then sizes and places c0 within S.1's support, instead of S.1's model without mass effect.
 """
 from __future__ import annotations
 
@@ -37,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import Bounds, minimize
 
+from .backend import to_numpy
 from .forward import ForwardParams, run_forward
 from .observation import Misfit
 from .progress import Cancelled, check_cancel
@@ -69,6 +84,8 @@ class MassEffectOptions:
     coarse_grids: tuple[int, ...] = ()  # coarse-to-fine: S.3 first on these grids (each divides n)
     c0_pullback: int = 0  # rounds of c0 ← c0 ∘ (X + u(X)) then S.3 again (module docstring)
     c0_pullback_tol: float = 0.02  # stop the rounds when c0 changes by less (relative 2-norm)
+    c0_refit: bool = False  # optimise S.1's atom weights with (γ, ρ, κ) (module docstring)
+    c0_weight_max: float = 1.0  # upper bound of the refitted atom weights (module docstring)
 
     def __post_init__(self):
         k = self.c0_pullback
@@ -76,6 +93,12 @@ class MassEffectOptions:
             raise ValueError(f"c0_pullback must be a non-negative integer (rounds), got {k!r}")
         if not (isinstance(self.c0_pullback_tol, (int, float)) and self.c0_pullback_tol >= 0):
             raise ValueError(f"c0_pullback_tol must be a non-negative number, got {self.c0_pullback_tol!r}")
+        if not isinstance(self.c0_refit, (bool, np.bool_)):
+            raise ValueError(f"c0_refit must be true or false, got {self.c0_refit!r}")
+        if self.c0_refit and self.c0_pullback:
+            raise ValueError("c0_refit and c0_pullback both change S.1's c0: choose one (set c0_pullback to 0)")
+        if not (isinstance(self.c0_weight_max, (int, float)) and self.c0_weight_max > 0):
+            raise ValueError(f"c0_weight_max must be a positive number, got {self.c0_weight_max!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "MassEffectOptions":
@@ -99,10 +122,11 @@ class MassEffectOptions:
                 raise ValueError(f"S.3 coarse grid {g} must be at least 8 and divide the grid {n}")
         return coarse + [n]
 
-    def bounds_scaled(self) -> Bounds:
+    def bounds_scaled(self, n_weights: int = 0) -> Bounds:
+        """Bounds of x = (10γ, ρ, 100κ, q_1 … q_n_weights) (q: c0_refit's atom weights)."""
         lo = np.array([self.gamma_bounds[0], self.rho_bounds[0], self.kappa_bounds[0]]) * SCALE
         hi = np.array([self.gamma_bounds[1], self.rho_bounds[1], self.kappa_bounds[1]]) * SCALE
-        return Bounds(lo, hi)
+        return Bounds(np.r_[lo, np.zeros(n_weights)], np.r_[hi, np.full(n_weights, float(self.c0_weight_max))])
 
 
 def to_scaled(gamma: float, rho: float, kappa: float) -> np.ndarray:
@@ -110,7 +134,8 @@ def to_scaled(gamma: float, rho: float, kappa: float) -> np.ndarray:
 
 
 def from_scaled(x) -> dict:
-    g, r, k = np.asarray(x, dtype=float) / SCALE
+    """(γ, ρ, κ) of x = (10γ, ρ, 100κ[, atom weights])."""
+    g, r, k = np.asarray(x, dtype=float)[:3] / SCALE
     return {"gamma": float(g), "rho": float(r), "kappa": float(k)}
 
 
@@ -143,7 +168,8 @@ class MassEffectResult:
     coarse: list = field(default_factory=list)  # coarse-to-fine: one summary per coarse level
     n_forward_coarse: int = 0  # forward solves on the coarse grids (each ~(n/m)³ cheaper)
     c0_rounds: list = field(default_factory=list)  # c0 pull-back: one summary per S.3 solve
-    c0: object = None  # the c0 of the final solve (pulled back when c0_pullback > 0)
+    c0: object = None  # the c0 of the final solve (pulled back when c0_pullback > 0, refitted with c0_refit)
+    c0_weights: list | None = None  # c0_refit: the optimal atom weights q (c0 = Σ q_i φ_i / max)
 
     def summary(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -154,11 +180,12 @@ class MassEffectResult:
 
 
 class MassEffectObjective:
-    """J(x) of S.3 with a cache of evaluated points and solve counters (hippylib-style)."""
+    """J(x) of S.3 with a cache of evaluated points and solve counters (hippylib-style).
+    With atoms ((s, n, n, n), c0_refit), x carries the atom weights after (10γ, ρ, 100κ)."""
 
     def __init__(self, ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient,
-                 options: MassEffectOptions, cancel=None):
-        self.ops, self.tissues, self.c0 = ops, atlas_tissues, c0
+                 options: MassEffectOptions, cancel=None, atoms=None):
+        self.ops, self.tissues, self.c0, self.atoms = ops, atlas_tissues, c0, atoms
         self.misfit = Misfit(ops, d, O)
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         self.options, self.cancel = options, cancel
@@ -172,10 +199,20 @@ class MassEffectObjective:
         return ForwardParams(kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], nt=o.nt, dt=o.dt,
                              r_k=o.r_k, r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
 
+    def c0_at(self, x):
+        """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q = x[3:] (c0_refit)."""
+        if self.atoms is None:
+            return self.c0
+        xp = self.ops.xp
+        q = xp.asarray(np.asarray(x, dtype=float)[3:], dtype=self.atoms.dtype)
+        c = xp.tensordot(q, self.atoms, axes=1)
+        top = float(xp.max(c))
+        return c / self.atoms.dtype.type(top) if top > 0 else c
+
     def solve(self, x):
         """Full forward solve at x; returns (J, parts, ForwardResult)."""
         check_cancel(self.cancel)
-        res = run_forward(self.ops, self.tissues, self.c0, self.params(x), cancel=self.cancel,
+        res = run_forward(self.ops, self.tissues, self.c0_at(x), self.params(x), cancel=self.cancel,
                           on_cfl="flag")
         self.n_forward += 1
         if res.cfl_flagged:
@@ -210,11 +247,13 @@ def fd_steps(x, rel_step: float, bounds: Bounds) -> np.ndarray:
 
 
 def fd_gradient(obj: MassEffectObjective, x, options: MassEffectOptions, bounds: Bounds):
-    """(J(x), ∇J(x)) by one-sided differences: 4 forward solves, run concurrently."""
+    """(J(x), ∇J(x)) by one-sided differences: 1 + len(x) forward solves (4 for (γ, ρ, κ)),
+    run concurrently."""
+    m = len(x)
     h = fd_steps(x, options.fd_rel_step, bounds)
-    pts = [np.array(x, dtype=float)] + [x + h[i] * np.eye(3)[i] for i in range(3)]
+    pts = [np.array(x, dtype=float)] + [x + h[i] * np.eye(m)[i] for i in range(m)]
     vals = obj.values(pts, options.workers)
-    g = np.array([(vals[i + 1] - vals[0]) / h[i] for i in range(3)])
+    g = np.array([(vals[i + 1] - vals[0]) / h[i] for i in range(m)])
     return vals[0], g
 
 
@@ -228,10 +267,11 @@ def projected_gradient_norm(x, g, bounds: Bounds) -> float:
 
 
 def fd_hessian(obj: MassEffectObjective, x, workers: int, eps: float) -> np.ndarray:
-    """Forward-difference Hessian in the scaled variables, step eps^{1/3}·max(|x_i|, 1)."""
+    """Forward-difference Hessian in the scaled (γ, ρ, κ), step eps^{1/3}·max(|x_i|, 1)
+    (x's atom weights, if any, held fixed)."""
     x = np.asarray(x, dtype=float)
-    h = eps ** (1.0 / 3.0) * np.maximum(np.abs(x), 1.0)
-    E = np.eye(3) * h
+    h = eps ** (1.0 / 3.0) * np.maximum(np.abs(x[:3]), 1.0)
+    E = np.eye(len(x))[:3] * h[:, None]
     pts = {(): x}
     for i in range(3):
         pts[(i,)] = x + E[i]
@@ -276,7 +316,6 @@ def _in_precision(ops: SpectralOps, precision: str, tissues, *arrays):
 def restrict(a, n_coarse: int, normalise_max: bool = False):
     """Block mean of an n³ field (or a 3×n³ stack) onto n_coarse³ (host numpy, float64):
     partial volumes stay partial volumes. normalise_max rescales to max 1 (c0, §6 S.3)."""
-    from .backend import to_numpy
 
     a = np.asarray(to_numpy(a), dtype=np.float64)
     n = a.shape[-1]
@@ -309,8 +348,11 @@ def _relative_change(xp, a, b) -> float:
 
 def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                        initial: dict | None = None, options: MassEffectOptions | None = None,
-                       progress=None, cancel=None, atlas: str | int | None = None) -> MassEffectResult:
+                       progress=None, cancel=None, atlas: str | int | None = None,
+                       c0_atoms=None, c0_weights=None) -> MassEffectResult:
     """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units).
+    c0_atoms ((s, n, n, n)) and c0_weights (s): S.1's support atoms in this frame and their
+    weights, needed by options.c0_refit (c0 is then Σ q_i φ_i / max, q from c0_weights).
 
     With options.coarse_grids, S.3 runs coarse-to-fine: on each coarse grid (the atlas
     tissues, c0, d, O and vt_patient block-averaged; c0 rescaled to max 1; no Hessian), each
@@ -330,6 +372,18 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
     levels = options.levels(ops.n)
     init = {"gamma": 0.6, "rho": 8.0, "kappa": 0.02}
     init.update(initial or {})
+    atoms = None
+    if options.c0_refit:
+        if c0_atoms is None or c0_weights is None:
+            raise ValueError("c0_refit needs S.1's atoms and weights (c0_atoms, c0_weights)")
+        atoms = np.asarray(to_numpy(c0_atoms), dtype=np.float64)
+        w = np.asarray(c0_weights, dtype=float).reshape(-1)
+        if atoms.shape != (len(w), ops.n, ops.n, ops.n) or not len(w):
+            raise ValueError(f"c0_atoms must have shape (s, n, n, n) = ({len(w)}, {ops.n}, {ops.n}, {ops.n}), "
+                             f"got {atoms.shape}")
+        if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.max() > 0):
+            raise ValueError("c0_weights must be finite, non-negative and not all zero")
+        init["c0_weights"] = np.minimum(w / w.max(), options.c0_weight_max)
     g0_ref = None
     coarse_runs: list[dict] = []
     rounds: list[dict] = []
@@ -341,6 +395,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         fine = m == ops.n
         if fine:
             lops, T, c0_l, d_l, O_l, vt_l = ops, atlas_tissues, c0, d, O, vt_patient
+            atoms_l = atoms
             lopt = dataclasses.replace(options, hessian=False) if options.c0_pullback > 0 else options
         else:
             lops = SpectralOps(m, ops.backend)
@@ -350,6 +405,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                                       for key in ("wm", "gm", "vt", "csf", "bg")))
             c0_l, d_l, vt_l = as_dev(c0, normalise_max=True), as_dev(d), as_dev(vt_patient)
             O_l = None if O is None else xp.asarray(restrict(O, m) > 0.5, dtype=lops.dtype)
+            atoms_l = None if atoms is None else restrict(atoms, m)
             lopt = dataclasses.replace(options, hessian=False)
         xp = lops.xp
         c0_given = xp.asarray(c0_l, dtype=lops.dtype)
@@ -358,9 +414,11 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         sub = _level_progress(progress, m, k, len(levels))
         for rnd in range(n_rounds + 1):
             r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
-                                  _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref)
+                                  _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref, atoms_l)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
+            if r.c0_weights is not None:
+                init["c0_weights"] = np.asarray(r.c0_weights)
             if fine:
                 n_forward_fine += r.n_forward
             else:
@@ -369,7 +427,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             rec = {"grid": m, "round": rnd, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "nit": r.nit,
                    "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
                    "relative_tumor_error": r.relative_tumor_error, "max_u": r.max_u}
-            r.c0 = c0_cur
+            if atoms_l is None:
+                r.c0 = c0_cur
             if n_rounds <= 0:
                 break
             c0_new = pull_back(lops, c0_given, r.forward.u)
@@ -384,7 +443,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         if not fine:
             coarse_runs.append(rec)
     out = r
-    if options.hessian and options.c0_pullback > 0:  # once, at the final solve's optimum
+    if options.hessian and options.c0_pullback > 0:  # once, at the final solve's optimum (c0 fixed)
         hops, hT, hc0, hd, hO, hvt = _in_precision(ops, options.precision, atlas_tissues, out.c0, d, O,
                                                     vt_patient)
         out.hessian_condition = hessian_condition(
@@ -437,15 +496,22 @@ def _level_progress(progress, grid: int, k: int, count: int):
 
 
 def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, init: dict,
-                      options: MassEffectOptions, progress, cancel, atlas, g0_ref) -> MassEffectResult:
+                      options: MassEffectOptions, progress, cancel, atlas, g0_ref,
+                      atoms=None) -> MassEffectResult:
     """S.3 on one grid from init; g0_ref: the reference gradient norm of the stopping rule
-    (None: the gradient at the start)."""
+    (None: the gradient at the start); atoms: c0_refit's atoms (init["c0_weights"] their
+    starting weights)."""
     t0 = time.perf_counter()
-    ops, atlas_tissues, c0, d, O, vt_patient = _in_precision(
-        ops, options.precision, atlas_tissues, c0, d, O, vt_patient)
-    bounds = options.bounds_scaled()
-    x0 = np.clip(to_scaled(init["gamma"], init["rho"], init["kappa"]), bounds.lb, bounds.ub)
-    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel)
+    caller_dtype = ops.dtype
+    ops, atlas_tissues, c0, d, O, vt_patient, atoms = _in_precision(
+        ops, options.precision, atlas_tissues, c0, d, O, vt_patient, atoms)
+    n_weights = 0 if atoms is None else int(atoms.shape[0])
+    bounds = options.bounds_scaled(n_weights)
+    x0 = to_scaled(init["gamma"], init["rho"], init["kappa"])
+    if n_weights:
+        x0 = np.r_[x0, np.asarray(init["c0_weights"], dtype=float)]
+    x0 = np.clip(x0, bounds.lb, bounds.ub)
+    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms)
     state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
     history: list[dict] = []
 
@@ -515,6 +581,9 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         gradient_norm_initial=float(g0_ref if g0_ref is not None else (state["g0"] or 0.0)),
         hessian_condition=cond, cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0,
         history=history, forward=fwd)
+    if n_weights:
+        out.c0 = ops.xp.asarray(obj.c0_at(x), dtype=caller_dtype)
+        out.c0_weights = [float(v) for v in x[3:]]
     report(f"S.3 done: γ={out.gamma:.3f} ρ={out.rho:.2f} κ={out.kappa:.4f}")
     return out
 

@@ -29,7 +29,7 @@ OUTPUTS = ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement_norm_
            "displacement.nrrd", "initial_condition.nrrd")
 CHEAP = {
     "s1": {"cosamp_iterations": 1, "subspace_maxiter": 3, "final_maxiter": 3, "nt": 10},
-    "s3": {"maxiter": 1, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2, "c0_pullback": 1},
+    "s3": {"maxiter": 1, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2},
     "registration": {"iterations": 6, "affine_iterations": 15, "spacing_mm": 8.0},
 }
 
@@ -161,10 +161,10 @@ def test_full_pipeline_outputs(case, full_run):
             assert key in e, key
         assert 0.005 <= e["kappa"] <= 0.05 and 2 <= e["rho"] <= 15 and 0 <= e["gamma"] <= 1.5
         assert e["max_u_mm"] == pytest.approx(e["max_u_domain"] * 256 / (2 * np.pi))
-        # the pipeline's S.3 pulls S.1's c0 back (one round here; the last solve's numbers are e's)
-        rounds = e["c0_rounds"]
-        assert 1 <= len(rounds) <= 2 and all(r["c0_change"] >= 0 for r in rounds)
-        assert rounds[-1]["gamma"] == pytest.approx(e["gamma"]) and rounds[-1]["rho"] == pytest.approx(e["rho"])
+        # the pipeline's S.3 refits S.1's atom weights (one per atom, in [0, 1]), no pull-back
+        w = e["c0_weights"]
+        assert len(w) == report["s1"]["support"] and all(0 <= v <= 1 for v in w) and max(w) > 0
+        assert e["c0_rounds"] == []
         sub = out / f"atlas_{e['name']}"
         for name in ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement.nrrd", "result.json"):
             assert (sub / name).is_file()
@@ -214,10 +214,13 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert job.tumor_labels == "/base/t.nrrd" and job.out == "/base/o" and job.atlas_set == "bundled"
     with pytest.raises(InputError, match="unknown key"):
         CalibrateJob.from_dict({"tumour": "x"})
-    # S.3's c0 pull-back is on in the pipeline unless the job turns it off
-    assert job.s3_options().c0_pullback == 2
-    off = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "options": {"s3": {"c0_pullback": 0}}})
-    assert off.s3_options().c0_pullback == 0
+    # S.3 refits S.1's c0 in the pipeline; a job may ask for the pull-back or the fixed c0
+    o3 = lambda s3: CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "options": {"s3": s3}}).s3_options()  # noqa: E731
+    assert (job.s3_options().c0_refit, job.s3_options().c0_pullback) == (True, 0)
+    assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
+    assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
+    with pytest.raises(InputError, match="choose one"):
+        o3({"c0_refit": True, "c0_pullback": 1})
     # S.2: affine only for the data S.3 sees, demons to derive tissue from a T1
     reg = job.registration_options()
     assert (reg["deformable"], reg["t1_deformable"]) == ("none", "demons")

@@ -329,3 +329,59 @@ def test_stagnation_rule():
     assert not _stagnated(h(1.0, 1.0, 1.0))  # too short to judge
     assert _stagnated(h(2.0, 0.034485, 0.034485, 0.0344850001, 0.034485))
     assert not _stagnated(h(0.0857, 0.085703, 0.085702, 0.0857015, 0.085701))
+
+
+# ---- c0 refit: S.1's atom weights optimised with (γ, ρ, κ) ------------------------------------
+def test_c0_refit_option_checked():
+    assert MassEffectOptions.from_dict({"c0_refit": True}).c0_refit is True
+    with pytest.raises(ValueError, match="choose one"):
+        MassEffectOptions.from_dict({"c0_refit": True, "c0_pullback": 1})
+    with pytest.raises(ValueError, match="c0_refit must be"):
+        MassEffectOptions.from_dict({"c0_refit": "yes"})
+    b = MassEffectOptions().bounds_scaled(2)
+    assert list(b.lb[3:]) == [0.0, 0.0] and list(b.ub[3:]) == [1.0, 1.0]
+
+
+def test_fd_hessian_holds_the_atom_weights_fixed():
+    """With c0_refit x carries atom weights after (10γ, ρ, 100κ); the §6 Hessian condition
+    is the one of (γ, ρ, κ): the leading 3×3 block, the weights not perturbed."""
+    A = np.eye(5) * 7.0
+    A[:3, :3] = A_SPD
+    A[0, 3] = A[3, 0] = 2.0
+    q = Quadratic(A, [8.0, 10.0, 2.5, 1.0, 0.3])
+    x = np.array([6.0, 12.0, 2.0, 0.5, 0.7])
+    H = fd_hessian(q, x, workers=1, eps=np.finfo(np.float64).eps)
+    assert H.shape == (3, 3)
+    np.testing.assert_allclose(H, A_SPD, rtol=0, atol=1e-4 * np.abs(A_SPD).max())
+
+
+def test_recovery_with_c0_refit_16(glia_testdata):
+    """c0 = Σ q_i φ_i / max over two one-voxel atoms, the patient made with q* = (1, 0.5);
+    S.3 is given S.1-like wrong weights (0.3, 1). With c0 fixed at them γ comes out ~25%
+    off; with c0_refit the weights, γ, ρ, κ and max|u| come back (measured with three atoms:
+    γ 0.601 fixed, 0.79998 refitted, c0 error 0.29 → 8e-5)."""
+    ops, tissues, _, _ = _atlas_case(glia_testdata, 16)
+    mask = brain_mask(tissues.wm, tissues.gm, tissues.vt)
+    centre = np.array([7.0, 8.0, 8.0]) * ops.h
+    atoms = np.stack([gaussian_atom(ops, centre + np.array(s) * ops.h, ops.h, mask)
+                      for s in ((0, 0, 0), (1, 0, 0))])
+    c0_of = lambda q: np.tensordot(q, atoms, axes=1) / np.tensordot(q, atoms, axes=1).max()  # noqa: E731
+    c0_true = c0_of(np.array([1.0, 0.5]))
+    res = run_forward(ops, tissues, c0_true.astype(np.float32), ForwardParams(**TRUTH), on_cfl="raise")
+    umax = float(res.displacement_norm().max())
+    q_s1 = np.array([0.3, 1.0])
+    start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
+    fixed = invert_mass_effect(ops, tissues, c0_of(q_s1), res.c, None, res.tissues.vt, initial=start,
+                               options=MassEffectOptions(workers=2, hessian=False))
+    r = invert_mass_effect(ops, tissues, c0_of(q_s1), res.c, None, res.tissues.vt, initial=start,
+                           options=MassEffectOptions(workers=2, hessian=False, c0_refit=True),
+                           c0_atoms=atoms, c0_weights=q_s1)
+    e = lambda a, k: abs(getattr(a, k) - TRUTH[k]) / TRUTH[k]  # noqa: E731
+    c0_err = lambda a: float(np.linalg.norm(a - c0_true) / np.linalg.norm(c0_true))  # noqa: E731
+    assert len(r.c0_weights) == 2 and len(r.x) == 5
+    assert np.asarray(r.c0).max() == pytest.approx(1.0)
+    assert c0_err(r.c0) < 0.05 * c0_err(c0_of(q_s1))
+    assert e(fixed, "gamma") > 0.1
+    assert e(r, "gamma") < 0.02 and e(r, "rho") < 0.02 and e(r, "kappa") < 0.05, (r.gamma, r.rho, r.kappa)
+    assert abs(r.max_u - umax) / umax < 0.02
+    assert r.n_forward >= 6 * (r.nit + 1)  # 1 + 5 solves per gradient

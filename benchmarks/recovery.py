@@ -29,9 +29,9 @@ Experiments (one markdown row each per case / atlas):
                  registration (true atlas: patient and atlas share the box; the mass effect
                  pushes tissue away from the tumour centre, not the centre itself).
                  Paper (TC b–d): eγ 0.3–5%, eρ 13–16%, eκ 19–26%, eu < 4%.
-                 S.3 pulls S.1's c0 back to the undeformed frame with its own displacement
-                 (--c0-pullback rounds, default 2; 0 = the paper's fixed c0; see
-                 mass_effect_inversion.py), as calibrate does.
+                 S.3 refits S.1's atom weights with γ, ρ, κ, as calibrate does (--c0
+                 refit, the default; --c0 pullback pulls c0 back --c0-pullback rounds with
+                 S.3's displacement; --c0 fixed is the paper's S.3; see mass_effect_inversion.py).
   other-atlases  S.1's c0 as above; S.2 (registration.register_patient_to_atlas on the
                  tissue channels vt; gm; wm+csf, tumour masked; affine only as in calibrate,
                  --registration demons|bspline adds a deformable stage) of the patient's
@@ -167,6 +167,7 @@ class Patient:
         self.c1_max = float(c1.max())
         self.tumor_voxels = int(self.tumor.sum())
         self.s1 = None  # (c0, summary) once S.1 has run
+        self.s1_atoms = None  # (S.1's support atoms (s, n, n, n), their weights p)
 
     def info(self) -> dict:
         return {"max_u_true": self.max_u, "max_u_true_voxels_256": self.max_u * 256 / (2 * math.pi),
@@ -191,9 +192,11 @@ class Patient:
         cache = None if cache_dir is None else cache_dir / f"s1_{self.ops.n}_{self.case}.npz"
         if self.s1 is None and cache is not None and cache.exists():
             z = np.load(cache, allow_pickle=False)
-            info = json.loads(str(z["info"]))
-            self.s1 = (self.ops.xp.asarray(z["c0"], dtype=self.ops.dtype), info)
-            log(f"S.1 case {self.case}: from {cache}")
+            if "atoms" in z.files:  # older caches lack S.1's atoms (c0 refit): recompute
+                info = json.loads(str(z["info"]))
+                self.s1 = (self.ops.xp.asarray(z["c0"], dtype=self.ops.dtype), info)
+                self.s1_atoms = (z["atoms"], z["weights"])
+                log(f"S.1 case {self.case}: from {cache}")
         if self.s1 is None:
             from GBMMassEffectLib.sparse_ic import SparseICOptions, solve_sparse_ic
 
@@ -205,12 +208,16 @@ class Patient:
             sec = time.perf_counter() - t
             c0 = ops.xp.asarray(r.c0, dtype=ops.dtype)
             err = float(ops.norm(c0 - self.c0) / ops.norm(self.c0))
+            support = r.basis.subset(r.support)
+            self.s1_atoms = (np.stack([to_numpy(support.atom(i)).astype(np.float32) for i in range(support.m)]),
+                             np.asarray(r.p, dtype=np.float64))
             self.s1 = (c0, {"kappa_s1": float(r.kappa), "rho_s1": float(r.rho),
                             "s1_relative_error": float(r.relative_error), "s1_support": int(len(r.support)),
                             "s1_c0_error": err, "s1_seconds": sec})
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(cache, c0=to_numpy(c0), info=json.dumps(self.s1[1]))
+                np.savez(cache, c0=to_numpy(c0), info=json.dumps(self.s1[1]), atoms=self.s1_atoms[0],
+                         weights=self.s1_atoms[1])
             log(f"S.1 case {self.case}: κ={r.kappa:.4g} ρ={r.rho:.4g} support={len(r.support)} "
                 f"‖c0−c0*‖/‖c0*‖={err:.3f} ({sec:.0f} s)")
         return self.s1
@@ -218,10 +225,10 @@ class Patient:
 
 # ---- registration onto another atlas (S.2) -------------------------------------------------
 def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
-                    deformable: str = "none", sigma_field: float = 1.5, tumor_mask=None):
+                    deformable: str = "none", sigma_field: float = 1.5, tumor_mask=None, atoms=None):
     """Register the patient's box images to target's box (tumor_mask: the masked region,
     default the patient's tumour); returns the warped (c0, d, O, vt) as backend arrays on
-    target's box and a summary."""
+    target's box and a summary (with "atoms": the warped atoms, when atoms are given)."""
     import SimpleITK as sitk
 
     from GBMMassEffectLib.registration import register_patient_to_atlas, warp_to_atlas
@@ -252,6 +259,8 @@ def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
     vt_p = warp(patient.vt)
     info = {"registration_seconds": sec, "registration_score": reg.score,
             "registration_method": reg.method, "registration_sigma_field": sigma_field}
+    if atoms is not None:
+        info["atoms"] = np.stack([to_numpy(warp(a)) for a in atoms])
     log(f"S.2 {patient.anatomy.name} → {target.name}: score {reg.score:.3f} ({sec:.0f} s)")
     return c0w, d, O, vt_p, info
 
@@ -263,31 +272,36 @@ def rel(a: float, b: float) -> float | None:
 
 def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args) -> dict:
     p = patient.truth
-    xp = ops.xp
     extra: dict = {}
     t0 = time.perf_counter()
+    refit = args.c0_refit and exp != "true-ic"
+    atoms = weights = None
     if exp == "true-ic":
         c0, d, O, vt_p = patient.c0, patient.d, patient.O, patient.vt
     else:
         c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache")
         extra.update(s1)
+        if refit:
+            atoms, weights = patient.s1_atoms
         if exp == "inverted-ic":
             d, O, vt_p = patient.d, patient.O, patient.vt
         else:
             c0, d, O, vt_p, reg = warp_patient_to(patient, target, ops, c0, args.registration,
-                                                  args.sigma_field)
+                                                  args.sigma_field, atoms=atoms)
+            atoms = reg.pop("atoms", None)
             extra.update(reg)
     start = dict(zip(("gamma", "rho", "kappa"), args.start))
     opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
                              coarse_grids=tuple(args.coarse_grids),
-                             c0_pullback=0 if exp == "true-ic" else args.c0_pullback)
+                             c0_pullback=0 if exp == "true-ic" or refit else args.c0_pullback, c0_refit=refit)
 
     def progress(ev):
         if args.verbose:
             log(f"  {exp} {p.name} {target.name}: {ev.get('message')}")
 
     r = invert_mass_effect(ops, target.tissues, c0, d, O, vt_p,
-                           initial=start, options=opts, progress=progress, atlas=target.name)
+                           initial=start, options=opts, progress=progress, atlas=target.name,
+                           c0_atoms=atoms, c0_weights=weights)
     truth = {"gamma": p.gamma, "rho": p.rho, "kappa": p.kappa}
     row = {"experiment": exp, "case": p.name, "atlas": target.name, "grid": ops.n,
            "truth": truth, "start": start,
@@ -303,6 +317,9 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "s3_seconds": r.seconds, "seconds": time.perf_counter() - t0,
            "coarse": r.coarse, "n_forward_coarse": r.n_forward_coarse,
            "c0_pullback": opts.c0_pullback, "c0_rounds": r.c0_rounds,
+           "c0_refit": refit, "c0_weights": r.c0_weights,
+           "c0_error": float(ops.norm(ops.xp.asarray(r.c0, dtype=ops.dtype) - patient.c0) / ops.norm(patient.c0))
+           if target is patient.anatomy else None,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
            **patient.info(), **extra}
     if target is patient.anatomy:
@@ -375,6 +392,13 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
                 f"{label(r['case'])} {r['atlas']}: " + " → ".join(
                     f"({c['gamma']:.3f}, {c['rho']:.2f}, {c['kappa']:.4f}; {c['c0_change']:.3f})"
                     for c in r["c0_rounds"]) for r in sorted(pb, key=lambda r: (r['case'], r['atlas'])))]
+        rf = [r for r in sel if r.get("c0_refit")]
+        if rf:
+            lines += ["", "S.3 c0 refit (S.1's atom weights after S.3, largest 1; ‖c0 − c0*‖/‖c0*‖ of the "
+                      "refitted c0 on the true atlas): " + "; ".join(
+                          f"{label(r['case'])} {r['atlas']}: (" + ", ".join(f"{w:.2f}" for w in r["c0_weights"])
+                          + ")" + ("" if r.get("c0_error") is None else f", {r['c0_error']:.3f}")
+                          for r in sorted(rf, key=lambda r: (r['case'], r['atlas'])))]
         reg = [r for r in sel if "registration_score" in r]
         if reg:
             lines += ["", "S.2: " + "; ".join(
@@ -428,8 +452,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian", action="store_true", help="also the FD Hessian condition (10 solves)")
     ap.add_argument("--coarse-grids", nargs="*", type=int, default=[],
                     help="S.3 coarse-to-fine: solve on these grids first (each divides --grid)")
+    ap.add_argument("--c0", choices=("refit", "pullback", "fixed"), default="refit",
+                    help="what S.3 does with S.1's c0: refit its atom weights (calibrate's default), "
+                         "pull it back (--c0-pullback rounds), or keep it fixed (the paper)")
     ap.add_argument("--c0-pullback", type=int, default=2,
-                    help="S.3 c0 pull-back rounds for the S.1 (inverted) c0; 0: c0 fixed as in the paper")
+                    help="S.3 c0 pull-back rounds with --c0 pullback")
     ap.add_argument("--registration", choices=("demons", "bspline", "none"), default=S2_DEFORMABLE,
                     help="S.2 deformable stage after the affine one (other-atlases; default as calibrate)")
     ap.add_argument("--sigma-field", type=float, default=1.5,
@@ -440,6 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     ap.add_argument("--verbose", action="store_true", help="log every S.3 iteration")
     args = ap.parse_args(argv)
+    args.c0_refit = args.c0 == "refit"
+    if args.c0 != "pullback":
+        args.c0_pullback = 0
 
     backend = get_backend(args.device, "float32")
     ops = SpectralOps(args.grid, backend)
