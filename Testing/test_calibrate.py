@@ -120,6 +120,7 @@ def same_geometry(img, ref):
     assert np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
 
 
+@pytest.mark.xdist_group("full_run")
 def test_full_pipeline_outputs(case, full_run):
     proc, events, out = full_run["proc"], full_run["events"], full_run["out"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
@@ -250,6 +251,7 @@ def test_sigterm_leaves_nothing(case, tmp_path):
     assert not out.exists() or not any(out.rglob("*"))
 
 
+@pytest.mark.xdist_group("full_run")
 def test_cohort_on_dask_gives_the_single_runs_outputs(case, full_run, tmp_path):
     """cohort: three job folders on a local Dask cluster of two workers: the valid one gets
     exactly full_run's outputs and numbers (the same pipeline cut into (patient, atlas)
