@@ -37,7 +37,8 @@ TRUE_ATLAS = "mni152"
 #: atlas plus ONE other (≈ 9 min CPU, a few minutes less on free cores). 20 iterations were
 #: measured to exceed 10 minutes.
 DEFAULT_S3_MAXITER = 8
-#: c0 pull-back rounds of the default demo (the pipeline's default is 2): one round brings
+#: c0 pull-back rounds of the default demo (the pipeline refits c0 instead, which needs more
+#: iterations than DEFAULT_S3_MAXITER allows; see calibrate.S3_C0_REFIT): one round brings
 #: most of the gain (32³ TC(c): eγ 28% → 12.5% after one, 10% after two) for ~1.8× the S.3
 #: time instead of ~2.5×. Re-timed with it: 13.2 min wall for the default demo.
 DEFAULT_C0_PULLBACK = 1

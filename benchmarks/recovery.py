@@ -394,7 +394,7 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
                     for c in r["c0_rounds"]) for r in sorted(pb, key=lambda r: (r['case'], r['atlas'])))]
         rf = [r for r in sel if r.get("c0_refit")]
         if rf:
-            lines += ["", "S.3 c0 refit (S.1's atom weights after S.3, largest 1; ‖c0 − c0*‖/‖c0*‖ of the "
+            lines += ["", "S.3 c0 refit (S.1's atom weights after S.3, each in [0, 1]; ‖c0 − c0*‖/‖c0*‖ of the "
                       "refitted c0 on the true atlas): " + "; ".join(
                           f"{label(r['case'])} {r['atlas']}: (" + ", ".join(f"{w:.2f}" for w in r["c0_weights"])
                           + ")" + ("" if r.get("c0_error") is None else f", {r['c0_error']:.3f}")
