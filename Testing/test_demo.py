@@ -21,8 +21,8 @@ from GBMMassEffectLib.demo import DemoOptions, format_summary, run_demo
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHEAP = {
     "s1": {"cosamp_iterations": 1, "subspace_maxiter": 3, "final_maxiter": 3, "nt": 10},
-    # the c0 pull-back is exercised by test_calibrate's pipeline test; off here to save time
-    "s3": {"maxiter": 1, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2, "c0_pullback": 0},
+    # S.3 with c0 fixed: the c0 refit is exercised by test_calibrate's pipeline test
+    "s3": {"maxiter": 1, "hessian": False, "nt": 9, "dt": 0.1, "workers": 2, "c0_refit": False},
     "registration": {"iterations": 5, "affine_iterations": 15, "spacing_mm": 8.0},
 }
 
