@@ -582,7 +582,7 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     T_p = box_tissues(geom_p, s1_img, ops)
     d_p, O_p, core_p, edema_p = _box_data(ops, geom_p, patient)
     P("S.1", *STAGE_SPAN["S.1"], 0.0, f"S.1: sparse initial condition on the {job.grid}^3 patient box")
-    from .sparse_ic import solve_sparse_ic
+    from .sparse_ic import solve_sparse_ic, support_atoms
 
     try:
         s1 = solve_sparse_ic(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
@@ -605,8 +605,7 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     }
     atoms = weights = None
     if s3_opt.c0_refit:
-        support = s1.basis.subset(s1.support)
-        atoms = np.stack([to_numpy(support.atom(i)).astype(np.float32) for i in range(support.m)])
+        atoms = support_atoms(s1)
         weights = [float(v) for v in np.asarray(s1.p)]
     return CalibrationSetup(
         job=job, patient=patient, tissue_img=tissue_img, tissue_source=tissue_source, notes=notes,

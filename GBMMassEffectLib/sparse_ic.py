@@ -40,7 +40,7 @@ from .progress import Cancelled, check_cancel
 from .reaction_diffusion import ReactionDiffusion, coefficient_fraction
 from .spectral import SpectralOps
 
-__all__ = ["SparseICOptions", "SparseICResult", "S1Objective", "solve_sparse_ic", "solve_kappa_rho", "Cancelled",
+__all__ = ["SparseICOptions", "SparseICResult", "support_atoms", "S1Objective", "solve_sparse_ic", "solve_kappa_rho", "Cancelled",
            "tumor_components", "coarsen",
            "normalised_ic", "normalised_ic_adjoint", "solve_sparse_ic_coarse_to_fine"]
 
@@ -140,6 +140,13 @@ class S1Objective:
 
     def gradient_p(self, lam0):
         return to_numpy(self.basis.adjoint(lam0))
+
+
+def support_atoms(result: "SparseICResult") -> np.ndarray:
+    """S.1's support atoms φ_i on the grid, (|S|, n, n, n) host float32: result.c0 is
+    Σ p_i φ_i / max with p = result.p (§5; what S.3's c0 refit starts from)."""
+    support = result.basis.subset(result.support)
+    return np.stack([to_numpy(support.atom(i)).astype(np.float32) for i in range(support.m)])
 
 
 def normalised_ic(basis: GaussianBasis, p):

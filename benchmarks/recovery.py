@@ -198,7 +198,7 @@ class Patient:
                 self.s1_atoms = (z["atoms"], z["weights"])
                 log(f"S.1 case {self.case}: from {cache}")
         if self.s1 is None:
-            from GBMMassEffectLib.sparse_ic import SparseICOptions, solve_sparse_ic
+            from GBMMassEffectLib.sparse_ic import SparseICOptions, solve_sparse_ic, support_atoms
 
             ops = self.ops
             wm, gm, vt, csf = self.s1_tissues()
@@ -208,9 +208,7 @@ class Patient:
             sec = time.perf_counter() - t
             c0 = ops.xp.asarray(r.c0, dtype=ops.dtype)
             err = float(ops.norm(c0 - self.c0) / ops.norm(self.c0))
-            support = r.basis.subset(r.support)
-            self.s1_atoms = (np.stack([to_numpy(support.atom(i)).astype(np.float32) for i in range(support.m)]),
-                             np.asarray(r.p, dtype=np.float64))
+            self.s1_atoms = (support_atoms(r), np.asarray(r.p, dtype=np.float64))
             self.s1 = (c0, {"kappa_s1": float(r.kappa), "rho_s1": float(r.rho),
                             "s1_relative_error": float(r.relative_error), "s1_support": int(len(r.support)),
                             "s1_c0_error": err, "s1_seconds": sec})
