@@ -78,6 +78,10 @@ from .geometry import BoxGeometry, box_for_image
 from .progress import OutputSet, check_cancel
 
 S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0_refit)
+#: S.3's optimiser (job option s3.optimizer): Gauss-Newton in a trust region on the FD
+#: Jacobian of the residual, the same 1 + |x| solves per iteration as §6's FD gradient
+#: (mass_effect_inversion's docstring); "lbfgsb" is §6's L-BFGS-B
+S3_OPTIMIZER = "gauss-newton"
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -243,6 +247,7 @@ class CalibrateJob:
         # pulls it back K rounds instead; both off keep the paper's fixed c0.
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
+        d.setdefault("optimizer", S3_OPTIMIZER)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:

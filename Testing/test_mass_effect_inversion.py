@@ -19,8 +19,8 @@ from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import brain_mask, gaussian_atom
 from GBMMassEffectLib.forward import ForwardParams, run_forward
 from GBMMassEffectLib.mass_effect_inversion import (
-    MassEffectObjective, MassEffectOptions, condition_number, fd_gradient, fd_hessian, fd_steps,
-    from_scaled, invert_mass_effect, projected_gradient_norm, pull_back, restrict,
+    MassEffectObjective, MassEffectOptions, condition_number, fd_gradient, fd_hessian, fd_jacobian,
+    fd_steps, from_scaled, invert_mass_effect, projected_gradient_norm, pull_back, restrict,
     to_scaled)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.tissue import Tissues
@@ -56,6 +56,10 @@ def test_options_from_dict():
     assert MassEffectOptions.from_dict(None) == MassEffectOptions()
     with pytest.raises(ValueError, match="unknown S.3 option.*bogus"):
         MassEffectOptions.from_dict({"maxiter": 3, "bogus": 1})
+    assert MassEffectOptions().optimizer == "lbfgsb"  # §6's default
+    assert MassEffectOptions.from_dict({"optimizer": "gauss-newton"}).optimizer == "gauss-newton"
+    with pytest.raises(ValueError, match="optimizer must be one of lbfgsb, gauss-newton"):
+        MassEffectOptions.from_dict({"optimizer": "newton"})
 
 
 def test_fd_steps_relative_and_backwards_at_upper_bound():
@@ -134,6 +138,42 @@ def test_fd_gradient_on_quadratic():
     np.testing.assert_allclose(g, A_SPD @ (x - a) + 0.5 * np.diag(A_SPD) * h, rtol=1e-6, atol=1e-9)
 
 
+class LinearResidual:
+    """r(x) = B x − b with residual/residuals like MassEffectObjective (J = ½‖r‖²)."""
+
+    def __init__(self, B, b):
+        self.B, self.b = np.asarray(B, float), np.asarray(b, float)
+
+    def residual(self, x):
+        return self.B @ np.asarray(x, float) - self.b
+
+    def residuals(self, points, workers):
+        return [self.residual(p) for p in points]
+
+    def value(self, x):
+        r = self.residual(x)
+        return 0.5 * r @ r
+
+    def values(self, points, workers):
+        return [self.value(p) for p in points]
+
+
+def test_fd_jacobian_exact_on_a_linear_residual_and_consistent_with_fd_gradient():
+    """Gauss-Newton's FD Jacobian: exact for a linear r (steps as fd_gradient's, backwards at
+    an upper bound); Jᵀr is ∇½‖r‖², which fd_gradient approximates to O(h)."""
+    rng = np.random.default_rng(3)
+    B, b = rng.normal(size=(40, 4)), rng.normal(size=40)
+    lin = LinearResidual(B, b)
+    o = MassEffectOptions(workers=1)
+    bounds = o.bounds_scaled(1)
+    x = np.array([6.0, 12.0, 5.0, 0.4])  # 100κ = 5: on its upper bound, a backward step
+    r, Jm = fd_jacobian(lin, x, o, bounds)
+    np.testing.assert_allclose(r, B @ x - b, rtol=1e-14)
+    np.testing.assert_allclose(Jm, B, rtol=0, atol=1e-8 * np.abs(B).max())
+    _, g = fd_gradient(lin, x, o, bounds)
+    np.testing.assert_allclose(Jm.T @ r, g, rtol=1e-3, atol=1e-6 * np.abs(g).max())
+
+
 # ---- recovery: true IC, true atlas ---------------------------------------------------------
 TRUTH = {"gamma": 0.8, "rho": 10.0, "kappa": 0.025}  # TC(c)-like (κ as TC(d))
 
@@ -157,12 +197,12 @@ def _atlas_case(glia_testdata, n: int):
     return ops, tissues, c0, res
 
 
-def _recover(glia_testdata, n: int):
+def _recover(glia_testdata, n: int, optimizer: str = "lbfgsb"):
     ops, tissues, c0, res = _atlas_case(glia_testdata, n)
     assert float(res.displacement_norm().max()) > ops.h  # a real mass effect (> 1 voxel)
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}  # 15% off
     r = invert_mass_effect(ops, tissues, c0, res.c, None, res.tissues.vt, initial=start,
-                           options=MassEffectOptions(workers=2, hessian=False))
+                           options=MassEffectOptions(workers=2, hessian=False, optimizer=optimizer))
     for k in ("gamma", "rho", "kappa"):
         assert getattr(r, k) == pytest.approx(TRUTH[k], rel=0.02), (k, getattr(r, k), r.message)
     assert r.gradient_norm <= r.gradient_norm_initial * 1e-2
@@ -172,8 +212,9 @@ def _recover(glia_testdata, n: int):
     return r
 
 
-def test_recovery_true_ic_true_atlas_16(glia_testdata):
-    _recover(glia_testdata, 16)
+@pytest.mark.parametrize("optimizer", ["lbfgsb", "gauss-newton"])
+def test_recovery_true_ic_true_atlas_16(glia_testdata, optimizer):
+    _recover(glia_testdata, 16, optimizer)
 
 
 @pytest.mark.slow
@@ -191,6 +232,12 @@ def test_objective_counts_and_caches(glia_testdata):
     assert obj.values([x, x], workers=2) == [J, J] and obj.n_forward == 1
     J2 = obj.value(x * np.array([1.1, 1.0, 1.0]))
     assert J2 > 1e3 * max(J, 1e-14) and obj.n_forward == 2
+    # Gauss-Newton's residual: J = ½‖r‖², r of the data and ventricle parts, cached
+    x3 = x * np.array([1.0, 1.1, 1.0])
+    r = obj.residual(x3)
+    assert r.shape == (2 * 16**3,) and r.dtype == np.float64 and obj.n_forward == 3
+    assert 0.5 * float(r @ r) == pytest.approx(obj.value(x3), rel=1e-6) and obj.n_forward == 3
+    assert obj.residuals([x3, x3], workers=2)[1] is r and obj.n_forward == 3
 
 
 # ---- coarse-to-fine ------------------------------------------------------------------------
@@ -355,7 +402,8 @@ def test_fd_hessian_holds_the_atom_weights_fixed():
     np.testing.assert_allclose(H, A_SPD, rtol=0, atol=1e-4 * np.abs(A_SPD).max())
 
 
-def test_recovery_with_c0_refit_16(glia_testdata):
+@pytest.mark.parametrize("optimizer", ["lbfgsb", "gauss-newton"])
+def test_recovery_with_c0_refit_16(glia_testdata, optimizer):
     """c0 = Σ q_i φ_i / max over two one-voxel atoms, the patient made with q* = (1, 0.5);
     S.3 is given S.1-like wrong weights (0.3, 1). With c0 fixed at them γ comes out ~25%
     off; with c0_refit the weights, γ, ρ, κ and max|u| come back (measured with three atoms:
@@ -372,9 +420,9 @@ def test_recovery_with_c0_refit_16(glia_testdata):
     q_s1 = np.array([0.3, 1.0])
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
     fixed = invert_mass_effect(ops, tissues, c0_of(q_s1), res.c, None, res.tissues.vt, initial=start,
-                               options=MassEffectOptions(workers=2, hessian=False))
+                               options=MassEffectOptions(workers=2, hessian=False, optimizer=optimizer))
     r = invert_mass_effect(ops, tissues, c0_of(q_s1), res.c, None, res.tissues.vt, initial=start,
-                           options=MassEffectOptions(workers=2, hessian=False, c0_refit=True),
+                           options=MassEffectOptions(workers=2, hessian=False, c0_refit=True, optimizer=optimizer),
                            c0_atoms=atoms, c0_weights=q_s1)
     e = lambda a, k: abs(getattr(a, k) - TRUTH[k]) / TRUTH[k]  # noqa: E731
     c0_err = lambda a: float(np.linalg.norm(a - c0_true) / np.linalg.norm(c0_true))  # noqa: E731
@@ -384,4 +432,5 @@ def test_recovery_with_c0_refit_16(glia_testdata):
     assert e(fixed, "gamma") > 0.1
     assert e(r, "gamma") < 0.02 and e(r, "rho") < 0.02 and e(r, "kappa") < 0.05, (r.gamma, r.rho, r.kappa)
     assert abs(r.max_u - umax) / umax < 0.02
-    assert r.n_forward >= 6 * (r.nit + 1)  # 1 + 5 solves per gradient
+    assert r.success, r.message  # by §6's relative-gradient rule
+    assert r.n_forward >= 6 * (r.nit + 1)  # 1 + 5 solves per gradient (or Jacobian)

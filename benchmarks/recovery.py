@@ -68,11 +68,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import S2_DEFORMABLE  # noqa: E402
+from GBMMassEffectLib.calibrate import S2_DEFORMABLE, S3_OPTIMIZER  # noqa: E402
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
-from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect  # noqa: E402
+from GBMMassEffectLib.mass_effect_inversion import OPTIMIZERS, MassEffectOptions, invert_mass_effect  # noqa: E402
 from GBMMassEffectLib.observation import observation_operator, tumor_data  # noqa: E402
 from GBMMassEffectLib.simulate import box_tissues, initial_condition, seed_point  # noqa: E402
 from GBMMassEffectLib.spectral import SpectralOps  # noqa: E402
@@ -291,7 +291,8 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     start = dict(zip(("gamma", "rho", "kappa"), args.start))
     opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
                              coarse_grids=tuple(args.coarse_grids),
-                             c0_pullback=0 if exp == "true-ic" or refit else args.c0_pullback, c0_refit=refit)
+                             c0_pullback=0 if exp == "true-ic" or refit else args.c0_pullback, c0_refit=refit,
+                             optimizer=args.optimizer)
 
     def progress(ev):
         if args.verbose:
@@ -315,7 +316,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "s3_seconds": r.seconds, "seconds": time.perf_counter() - t0,
            "coarse": r.coarse, "n_forward_coarse": r.n_forward_coarse,
            "c0_pullback": opts.c0_pullback, "c0_rounds": r.c0_rounds,
-           "c0_refit": refit, "c0_weights": r.c0_weights,
+           "c0_refit": refit, "c0_weights": r.c0_weights, "optimizer": opts.optimizer,
            "c0_error": float(ops.norm(ops.xp.asarray(r.c0, dtype=ops.dtype) - patient.c0) / ops.norm(patient.c0))
            if target is patient.anatomy else None,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
@@ -453,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--c0", choices=("refit", "pullback", "fixed"), default="refit",
                     help="what S.3 does with S.1's c0: refit its atom weights (calibrate's default), "
                          "pull it back (--c0-pullback rounds), or keep it fixed (the paper)")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default=S3_OPTIMIZER,
+                    help="S.3's optimiser (default: calibrate's)")
     ap.add_argument("--c0-pullback", type=int, default=2,
                     help="S.3 c0 pull-back rounds with --c0 pullback")
     ap.add_argument("--registration", choices=("demons", "bspline", "none"), default=S2_DEFORMABLE,
