@@ -166,6 +166,7 @@ def test_full_pipeline_outputs(case, full_run):
         w = e["c0_weights"]
         assert len(w) == report["s1"]["support"] and all(0 <= v <= 1 for v in w) and max(w) > 0
         assert e["c0_rounds"] == []
+    assert report["effective_options"]["s3"]["optimizer"] == "gauss-newton"
         sub = out / f"atlas_{e['name']}"
         for name in ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement.nrrd", "result.json"):
             assert (sub / name).is_file()
@@ -218,6 +219,9 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     # S.3 refits S.1's c0 in the pipeline; a job may ask for the pull-back or the fixed c0
     o3 = lambda s3: CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "options": {"s3": s3}}).s3_options()  # noqa: E731
     assert (job.s3_options().c0_refit, job.s3_options().c0_pullback) == (True, 0)
+    assert job.s3_options().optimizer == "gauss-newton" and o3({"optimizer": "lbfgsb"}).optimizer == "lbfgsb"
+    with pytest.raises(InputError, match="S.3 options: S.3 optimizer must be one of"):
+        o3({"optimizer": "bfgs"})
     assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
     assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
     with pytest.raises(InputError, match="choose one"):

@@ -352,7 +352,8 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
              f"Patient anatomy: {doc['patient_source']}; box 256 mm ({256 / n:g} mm voxels); "
              f"true c0 one Gaussian of σ = {SIGMA_MM:g} mm; data: {doc['data']}; "
              f"S.3 start γ, ρ, κ = {', '.join(f'{v:g}' for v in doc['start'])}; "
-             f"max {doc['max_iter']} iterations, relative gradient 1e-3; "
+             f"max {doc['max_iter']} iterations, relative gradient 1e-3; S.3 optimiser: "
+             f"{'/'.join(sorted({r.get('optimizer', 'lbfgsb') for r in rows}))}; "
              f"concurrent forward solves (workers): {'/'.join(sorted({str(r['workers']) for r in rows}))}; "
              f"{doc['machine']}.", "",
              "eX: relative error of X (TC(a) γ* = 0: absolute error, marked abs). eu: relative "
