@@ -12,10 +12,9 @@
 3. A short summary (recovered vs true κ, ρ, γ, max|u|; where the outputs are) printed to
    stdout and saved as OUT/demo_summary.json.
 
-Default: grid 32 (8 mm box voxels), S.3 with its MODEL §6 settings but at most 8
-iterations, no Hessian and one c0 pull-back round, affine registration on 4 mm grids,
-sized for about 10 minutes on 2 CPU cores (re-timed with the pull-back round and affine
-S.2: 13.2 min wall, 17 min CPU, S.1 6.2 min of it). --full: the paper setting, grid 128
+Default: grid 32 (8 mm box voxels), S.3 as calibrate runs it (c0 refit, Gauss-Newton) but
+at most 8 iterations and no Hessian, affine registration on 4 mm grids, sized for about 10
+minutes on 2 CPU cores (timing in the README). --full: the paper setting, grid 128
 on a CPU (256 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
 registration at their defaults (hours on a CPU).
 Output folder default: ./gbm-demo-output (relative to the current directory).
@@ -37,11 +36,6 @@ TRUE_ATLAS = "mni152"
 #: atlas plus ONE other (≈ 9 min CPU, a few minutes less on free cores). 20 iterations were
 #: measured to exceed 10 minutes.
 DEFAULT_S3_MAXITER = 8
-#: c0 pull-back rounds of the default demo (the pipeline refits c0 instead, which needs more
-#: iterations than DEFAULT_S3_MAXITER allows; see calibrate.S3_C0_REFIT): one round brings
-#: most of the gain (32³ TC(c): eγ 28% → 12.5% after one, 10% after two) for ~1.8× the S.3
-#: time instead of ~2.5×. Re-timed with it: 13.2 min wall for the default demo.
-DEFAULT_C0_PULLBACK = 1
 
 
 @dataclass
@@ -135,7 +129,7 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     else:
         others = [c.atlas.name for c in select_atlases([a for a in aset if a.name != true.name], vt_ml,
                                                        max_atlases=opt.n_others, min_atlases=opt.n_others).choices]
-        options = {"s3": {"maxiter": DEFAULT_S3_MAXITER, "hessian": False, "c0_pullback": DEFAULT_C0_PULLBACK}}
+        options = {"s3": {"maxiter": DEFAULT_S3_MAXITER, "hessian": False}}  # else calibrate's S.3
     if opt.options is not None:
         options = opt.options
     names = [true.name] + others

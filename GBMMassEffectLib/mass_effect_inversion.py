@@ -17,7 +17,9 @@ curvature estimate. Same stopping rules (relative projected gradient Jᵀr, stag
 maxiter). Measured: 16³ true IC 15% off, 17 s vs 59 s; 16³ refit (two atoms, wrong weights)
 62 s vs 168 s; 32³ TC(b) inverted IC with the c0 refit 9 iterations / 90 solves, γ 0.406,
 J 0.03022, converged (L-BFGS-B: 50 iterations / 496 solves, γ 0.421, J 0.03032, not
-converged), where (γ, ρ, κ) and the atom weights are strongly coupled.
+converged), where (γ, ρ, κ) and the atom weights are strongly coupled. Host memory: the
+1 + |x| residuals of one Jacobian, the Jacobian and scipy's copies of it, each 16·n³ bytes
+per vector: ~0.15 GB at 64³, ~1.1 GB at 128³, ~9 GB at 256³ for |x| = 8 (L-BFGS-B: none).
 
 Precision: the forward solves of S.3 run in float64 by default (`precision` option),
 whatever the caller's arrays are. A one-sided difference with step 1e-5·x divides the
@@ -210,6 +212,8 @@ class MassEffectObjective:
         self.cfl_flagged = 0
         self._cache: dict[tuple, tuple[float, dict]] = {}
         self._residuals: OrderedDict[tuple, np.ndarray] = OrderedDict()  # the last few r(x)
+        # one FD Jacobian's residuals (1 + |x|) and the next trial point's: 16·n³ bytes each
+        self._residual_capacity = 3 + (0 if atoms is None else int(atoms.shape[0])) + 2
         self._lock = threading.Lock()
 
     def params(self, x) -> ForwardParams:
@@ -258,7 +262,7 @@ class MassEffectObjective:
 
     def residual(self, x) -> np.ndarray:
         """r(x) = h^{3/2}·(O(c(1) − d), vt(1) − vt_patient) flattened (host float64), so that
-        J = ½‖r‖² (Gauss-Newton); the last RESIDUAL_CACHE residuals are kept."""
+        J = ½‖r‖² (Gauss-Newton); the last 1 + |x| + 1 residuals are kept."""
         key = _key(x)
         with self._lock:
             if key in self._residuals:
@@ -271,17 +275,13 @@ class MassEffectObjective:
         with self._lock:
             self._cache[key] = (J, parts)
             self._residuals[key] = r
-            while len(self._residuals) > RESIDUAL_CACHE:
+            while len(self._residuals) > self._residual_capacity:
                 self._residuals.popitem(last=False)
         return r
 
     def residuals(self, points, workers: int) -> list[np.ndarray]:
         """r at several points, concurrently."""
         return _map(self.residual, points, workers)
-
-
-#: residual vectors MassEffectObjective keeps (one FD Jacobian of 1 + 3 + 20 atoms, and more)
-RESIDUAL_CACHE = 32
 
 
 def _key(x) -> tuple:
