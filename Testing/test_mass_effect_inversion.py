@@ -77,6 +77,12 @@ def test_projected_gradient_drops_components_against_active_bounds():
     assert projected_gradient_norm(x, g, b) == pytest.approx(12.0)
     g = np.array([-3.0, 4.0, 12.0])  # both point inwards: kept
     assert projected_gradient_norm(x, g, b) == pytest.approx(13.0)
+    # Gauss-Newton's iterates stay strictly inside: within 1e-6 of the range counts as on it
+    b = MassEffectOptions().bounds_scaled(1)  # the atom weight in [0, 1]
+    g = np.array([0.0, 0.0, 0.0, 0.5])
+    assert projected_gradient_norm(np.array([6.0, 8.0, 2.0, 1e-10]), g, b) == 0.0
+    assert projected_gradient_norm(np.array([6.0, 8.0, 2.0, 1e-4]), g, b) == pytest.approx(0.5)
+    assert projected_gradient_norm(np.array([6.0, 8.0, 2.0, 1e-10]), -g, b) == pytest.approx(0.5)
 
 
 # ---- FD Hessian on an analytic quadratic -----------------------------------------------
