@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from . import progress as pg
 
 TRUE_ATLAS = "mni152"
-#: S.3 iteration cap of the default demo. Budget (2 cores, grid 32): measured with S.3 in
-#: float64 and 3 atlases, 12.1 min wall / 11.4 min CPU on a heavily loaded 2-core machine
-#: (S.1 ~175 s, each atlas's S.2 + S.3 ~170 s); so the default calibrates with the true
-#: atlas plus ONE other (≈ 9 min CPU, a few minutes less on free cores). 20 iterations were
-#: measured to exceed 10 minutes.
+#: S.3 iteration cap of the default demo (true atlas plus ONE other). Re-timed with
+#: calibrate's S.3 (c0 refit, Gauss-Newton; 9–10 forward solves per iteration): 16.7 min
+#: wall on 2 cores, S.1 6.6 min of it, mean γ 0.397 for 0.4 (README); the 32³ TC(b)
+#: concentration row converged in 9 iterations, so 8 stops near the optimum.
 DEFAULT_S3_MAXITER = 8
 
 
