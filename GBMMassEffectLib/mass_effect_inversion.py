@@ -303,26 +303,29 @@ def fd_steps(x, rel_step: float, bounds: Bounds) -> np.ndarray:
     return np.where(x + h > bounds.ub, -h, h)
 
 
+def fd_points(x, options: MassEffectOptions, bounds: Bounds):
+    """(h, [x, x + h_1 e_1, …]): the one-sided difference steps and the 1 + len(x) points of
+    fd_gradient and fd_jacobian (the same points, so each reuses the other's cached solves)."""
+    x = np.asarray(x, dtype=float)
+    h = fd_steps(x, options.fd_rel_step, bounds)
+    return h, [x] + [x + h[i] * np.eye(len(x))[i] for i in range(len(x))]
+
+
 def fd_gradient(obj: MassEffectObjective, x, options: MassEffectOptions, bounds: Bounds):
     """(J(x), ∇J(x)) by one-sided differences: 1 + len(x) forward solves (4 for (γ, ρ, κ)),
     run concurrently."""
-    m = len(x)
-    h = fd_steps(x, options.fd_rel_step, bounds)
-    pts = [np.array(x, dtype=float)] + [x + h[i] * np.eye(m)[i] for i in range(m)]
+    h, pts = fd_points(x, options, bounds)
     vals = obj.values(pts, options.workers)
-    g = np.array([(vals[i + 1] - vals[0]) / h[i] for i in range(m)])
+    g = np.array([(vals[i + 1] - vals[0]) / h[i] for i in range(len(h))])
     return vals[0], g
 
 
 def fd_jacobian(obj: MassEffectObjective, x, options: MassEffectOptions, bounds: Bounds):
-    """(r(x), ∂r/∂x) by one-sided differences with fd_gradient's steps: 1 + len(x) forward
+    """(r(x), ∂r/∂x) by one-sided differences at fd_gradient's points: 1 + len(x) forward
     solves, run concurrently; the gradient of J = ½‖r‖² is then ∂r/∂xᵀ r."""
-    x = np.asarray(x, dtype=float)
-    m = len(x)
-    h = fd_steps(x, options.fd_rel_step, bounds)
-    pts = [x] + [x + h[i] * np.eye(m)[i] for i in range(m)]
+    h, pts = fd_points(x, options, bounds)
     R = obj.residuals(pts, options.workers)
-    return R[0], np.stack([(R[i + 1] - R[0]) / h[i] for i in range(m)], axis=1)
+    return R[0], np.stack([(R[i + 1] - R[0]) / h[i] for i in range(len(h))], axis=1)
 
 
 #: a variable this close to a bound (relative to its range) counts as on it in ‖P g‖
