@@ -42,9 +42,14 @@ from .spectral import SpectralOps
 
 __all__ = ["SparseICOptions", "SparseICResult", "support_atoms", "S1Objective", "solve_sparse_ic", "solve_kappa_rho", "Cancelled",
            "tumor_components", "coarsen",
-           "normalised_ic", "normalised_ic_adjoint", "solve_sparse_ic_coarse_to_fine"]
+           "normalised_ic", "normalised_ic_adjoint", "solve_sparse_ic_coarse_to_fine",
+           "COARSE_TO_FINE_FROM", "s1_coarse_factor", "solve_s1"]
 
 KAPPA_SCALE = 0.01  # L-BFGS-B sees κ/0.01 (cf. the reference's 100·κ)
+#: from this grid on, solve_s1 runs S.1 coarse-to-fine (n/2 first) unless told otherwise:
+#: 64³ single-grid S.1 took 52 min on 2 cores, coarse-to-fine a fraction of that
+#: (benchmarks/recovery.py --s1-coarse-factor; README "Accuracy")
+COARSE_TO_FINE_FROM = 64
 
 
 @dataclass
@@ -70,8 +75,14 @@ class SparseICOptions:
     component_threshold: float = 0.1
     gm_ratio_k: float = 0.0
     gm_ratio_rho: float = 0.0
+    # solve_s1: None = coarse-to-fine from n/2 at n >= COARSE_TO_FINE_FROM, else one grid;
+    # 1 = always one grid; k >= 2 = coarse-to-fine from n/k
+    coarse_factor: int | None = None
 
     def check(self):
+        cf = self.coarse_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int) or cf < 1):
+            raise ValueError(f"coarse_factor must be null (automatic) or an integer >= 1, got {cf!r}")
         if self.sparsity < 1:
             raise ValueError(f"sparsity must be ≥ 1, got {self.sparsity}")
         if self.final not in ("joint", "reference"):
@@ -532,4 +543,38 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
     for rec in res.history:
         rec["iteration"] += len(coarse.history)
     res.history = coarse.history + res.history
+    return res
+
+
+def s1_coarse_factor(n: int, options: SparseICOptions | None = None) -> int:
+    """The coarsening factor solve_s1 uses on an n³ grid (1: a single grid)."""
+    cf = None if options is None else options.coarse_factor
+    if cf is None:
+        cf = 2 if n >= COARSE_TO_FINE_FROM else 1
+    if cf > 1 and (n % cf or n // cf < 8):
+        raise ValueError(f"S.1 coarse_factor {cf} does not divide the grid {n} into at least 8 voxels")
+    return int(cf)
+
+
+def solve_s1(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICOptions | None = None,
+             progress=None, cancel=None) -> SparseICResult:
+    """Stage S.1 as calibrate runs it (§6): solve_sparse_ic on the given grid, or
+    solve_sparse_ic_coarse_to_fine from n/k when s1_coarse_factor gives k > 1 (its fine
+    level: one CoSaMP pass near the coarse support). A tumor the coarse grid cannot represent
+    (too small once block-averaged) falls back to the single grid. result.coarse_factor
+    records the k used (1 after a fall-back), result.coarse_fallback why it fell back."""
+    options = options or SparseICOptions()
+    k = s1_coarse_factor(ops.n, options)
+    fallback = None
+    if k > 1:
+        try:
+            res = solve_sparse_ic_coarse_to_fine(ops, wm, gm, vt, csf, data, O=O, options=options,
+                                                 factor=k, progress=progress, cancel=cancel)
+        except ValueError as exc:
+            fallback, k = f"{ops.n // k}³ level: {exc}", 1
+    if k == 1:
+        res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=options, progress=progress,
+                              cancel=cancel)
+    res.coarse_factor = k
+    res.coarse_fallback = fallback
     return res

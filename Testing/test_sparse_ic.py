@@ -14,7 +14,8 @@ from GBMMassEffectLib.progress import Cancelled
 from GBMMassEffectLib.reaction_diffusion import ReactionDiffusion
 from GBMMassEffectLib.sparse_ic import (S1Objective, SparseICOptions, coarsen, normalised_ic,
                                         normalised_ic_adjoint, solve_kappa_rho, solve_sparse_ic,
-                                        solve_sparse_ic_coarse_to_fine)
+                                        solve_sparse_ic_coarse_to_fine, COARSE_TO_FINE_FROM,
+                                        s1_coarse_factor, solve_s1)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.taylor import assert_taylor, taylor_test
 from GBMMassEffectLib.tissue import Tissues
@@ -147,6 +148,43 @@ def test_coarse_to_fine_single_source():
     assert err < 0.5 and res.relative_error < 0.5
     assert [r["iteration"] for r in lines] == list(range(1, len(lines) + 1))
     assert lines[-1]["fraction"] == 1.0 and any(r["message"].startswith("12³") for r in lines)
+
+
+def test_solve_s1_picks_the_grids():
+    """solve_s1 (calibrate's S.1): one grid below COARSE_TO_FINE_FROM, coarse-to-fine from n/2
+    from there on (coarse_factor None), as told otherwise; bad factors are errors."""
+    assert COARSE_TO_FINE_FROM == 64
+    assert s1_coarse_factor(32) == 1 and s1_coarse_factor(48) == 1
+    assert s1_coarse_factor(64) == 2 and s1_coarse_factor(128) == 2
+    assert s1_coarse_factor(64, SparseICOptions(coarse_factor=1)) == 1
+    assert s1_coarse_factor(32, SparseICOptions(coarse_factor=2)) == 2
+    with pytest.raises(ValueError, match="does not divide"):
+        s1_coarse_factor(24, SparseICOptions(coarse_factor=5))
+    with pytest.raises(ValueError, match="does not divide"):
+        s1_coarse_factor(16, SparseICOptions(coarse_factor=4))  # 4³ coarse grid
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="coarse_factor"):
+            SparseICOptions(coarse_factor=bad).check()
+
+    ops, wm, c0, d, centre = _synthetic(24)
+    opt = SparseICOptions(cosamp_iterations=1, subspace_maxiter=4, final_maxiter=4, coarse_factor=2)
+    res = solve_s1(ops, wm, None, None, None, d, options=opt)
+    assert res.coarse_factor == 2 and res.coarse_fallback is None and res.coarse.c0.shape == (12,) * 3
+    assert np.linalg.norm(_com(ops, res.c0) - _com(ops, c0)) / ops.h < 0.5
+
+
+def test_solve_s1_falls_back_to_one_grid_for_a_tumor_the_coarse_grid_cannot_hold():
+    """A 3³-voxel tumor: one candidate atom at 24³, none once block-averaged to 12³ (no σ-ball
+    there is > 90% above 0.1), so S.1 runs on the given grid and says why."""
+    ops = SpectralOps(24, get_backend("cpu", "float32"))
+    wm = np.full((24,) * 3, 0.8, ops.dtype)
+    d = np.zeros_like(wm)
+    d[11:14, 11:14, 11:14] = 0.6
+    opt = SparseICOptions(cosamp_iterations=1, subspace_maxiter=3, final_maxiter=3, rho_grid=(), coarse_factor=2)
+    res = solve_s1(ops, wm, None, None, None, d, options=opt)
+    assert res.coarse_factor == 1 and res.coarse_fallback.startswith("12³ level: no candidate")
+    assert len(res.support) == 1 and float(np.max(res.c0)) == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(_com(ops, res.c0) / ops.h - 12) < 0.5
 
 
 def _compare_finals(n, options):
