@@ -103,6 +103,7 @@ class MassEffectOptions:
     c0_refit: bool = False  # optimise S.1's atom weights with (γ, ρ, κ) (module docstring)
     c0_weight_max: float = 1.0  # upper bound of the refitted atom weights (module docstring)
     optimizer: str = "lbfgsb"  # "lbfgsb" (§6) or "gauss-newton" (module docstring)
+    c0_shift: float = 0.0  # > 0: also optimise a translation δ of c0, |δ_i| ≤ this (voxels of n)
 
     def __post_init__(self):
         k = self.c0_pullback
@@ -116,6 +117,11 @@ class MassEffectOptions:
             raise ValueError("c0_refit and c0_pullback both change S.1's c0: choose one (set c0_pullback to 0)")
         if not (isinstance(self.c0_weight_max, (int, float)) and self.c0_weight_max > 0):
             raise ValueError(f"c0_weight_max must be a positive number, got {self.c0_weight_max!r}")
+        if isinstance(self.c0_shift, bool) or not (isinstance(self.c0_shift, (int, float))
+                                                   and 0 <= self.c0_shift < math.inf):
+            raise ValueError(f"c0_shift must be a non-negative number of voxels, got {self.c0_shift!r}")
+        if self.c0_shift and self.c0_pullback:
+            raise ValueError("c0_shift and c0_pullback both move S.1's c0: choose one (set c0_pullback to 0)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"S.3 optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -142,10 +148,14 @@ class MassEffectOptions:
         return coarse + [n]
 
     def bounds_scaled(self, n_weights: int = 0) -> Bounds:
-        """Bounds of x = (10γ, ρ, 100κ, q_1 … q_n_weights) (q: c0_refit's atom weights)."""
+        """Bounds of x = (10γ, ρ, 100κ, q_1 … q_n_weights[, δ_1, δ_2, δ_3]) (q: c0_refit's atom
+        weights; δ: c0_shift's translation in voxels, present when c0_shift > 0)."""
         lo = np.array([self.gamma_bounds[0], self.rho_bounds[0], self.kappa_bounds[0]]) * SCALE
         hi = np.array([self.gamma_bounds[1], self.rho_bounds[1], self.kappa_bounds[1]]) * SCALE
-        return Bounds(np.r_[lo, np.zeros(n_weights)], np.r_[hi, np.full(n_weights, float(self.c0_weight_max))])
+        lo, hi = np.r_[lo, np.zeros(n_weights)], np.r_[hi, np.full(n_weights, float(self.c0_weight_max))]
+        if self.c0_shift > 0:
+            lo, hi = np.r_[lo, np.full(3, -float(self.c0_shift))], np.r_[hi, np.full(3, float(self.c0_shift))]
+        return Bounds(lo, hi)
 
 
 def to_scaled(gamma: float, rho: float, kappa: float) -> np.ndarray:
@@ -189,6 +199,8 @@ class MassEffectResult:
     c0_rounds: list = field(default_factory=list)  # c0 pull-back: one summary per S.3 solve
     c0: object = None  # the c0 of the final solve (pulled back when c0_pullback > 0, refitted with c0_refit)
     c0_weights: list | None = None  # c0_refit: the optimal atom weights q (c0 = Σ q_i φ_i / max)
+    c0_shift: list | None = None  # c0_shift: the optimal translation δ of c0 (voxels of its grid)
+    c0_shift_domain: list | None = None  # the same in domain units (2π = the box edge)
 
     def summary(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -200,11 +212,14 @@ class MassEffectResult:
 
 class MassEffectObjective:
     """J(x) of S.3 with a cache of evaluated points and solve counters (hippylib-style).
-    With atoms ((s, n, n, n), c0_refit), x carries the atom weights after (10γ, ρ, 100κ)."""
+    With atoms ((s, n, n, n), c0_refit), x carries the atom weights after (10γ, ρ, 100κ);
+    with options.c0_shift > 0, the translation δ of c0 (voxels) after those."""
 
     def __init__(self, ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient,
                  options: MassEffectOptions, cancel=None, atoms=None):
         self.ops, self.tissues, self.c0, self.atoms = ops, atlas_tissues, c0, atoms
+        self.n_weights = 0 if atoms is None else int(atoms.shape[0])
+        self.shift = options.c0_shift > 0
         self.misfit = Misfit(ops, d, O)
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         self.options, self.cancel = options, cancel
@@ -213,7 +228,7 @@ class MassEffectObjective:
         self._cache: dict[tuple, tuple[float, dict]] = {}
         self._residuals: OrderedDict[tuple, np.ndarray] = OrderedDict()  # the last few r(x)
         # one FD Jacobian's residuals (1 + |x|) and the next trial point's: 16·n³ bytes each
-        self._residual_capacity = 3 + (0 if atoms is None else int(atoms.shape[0])) + 2
+        self._residual_capacity = 3 + self.n_weights + 3 * self.shift + 2
         self._lock = threading.Lock()
 
     def params(self, x) -> ForwardParams:
@@ -223,14 +238,19 @@ class MassEffectObjective:
                              r_k=o.r_k, r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
 
     def c0_at(self, x):
-        """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q = x[3:] (c0_refit)."""
-        if self.atoms is None:
+        """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q = x[3:3+s] (c0_refit);
+        with c0_shift, translated by δ = x[3+s:] voxels (spectral phase) and rescaled to max 1."""
+        if self.atoms is None and not self.shift:
             return self.c0
-        xp = self.ops.xp
-        q = xp.asarray(np.asarray(x, dtype=float)[3:], dtype=self.atoms.dtype)
-        c = xp.tensordot(q, self.atoms, axes=1)
+        xp, x = self.ops.xp, np.asarray(x, dtype=float)
+        c = self.c0
+        if self.atoms is not None:
+            q = xp.asarray(x[3:3 + self.n_weights], dtype=self.atoms.dtype)
+            c = xp.tensordot(q, self.atoms, axes=1)
+        if self.shift:
+            c = self.ops.translate(c, x[3 + self.n_weights:3 + self.n_weights + 3] * self.ops.h)
         top = float(xp.max(c))
-        return c / self.atoms.dtype.type(top) if top > 0 else c
+        return c / c.dtype.type(top) if top > 0 else c
 
     def solve(self, x):
         """Full forward solve at x; returns (J, parts, ForwardResult)."""
@@ -485,7 +505,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             c0_l, d_l, vt_l = as_dev(c0, normalise_max=True), as_dev(d), as_dev(vt_patient)
             O_l = None if O is None else xp.asarray(restrict(O, m) > 0.5, dtype=lops.dtype)
             atoms_l = None if atoms is None else restrict(atoms, m)
-            lopt = dataclasses.replace(options, hessian=False)
+            # the translation bound is physical: options.c0_shift voxels of n
+            lopt = dataclasses.replace(options, hessian=False, c0_shift=options.c0_shift * m / ops.n)
         xp = lops.xp
         c0_given = xp.asarray(c0_l, dtype=lops.dtype)
         c0_cur = c0_given
@@ -498,6 +519,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
             if r.c0_weights is not None:
                 init["c0_weights"] = np.asarray(r.c0_weights)
+            if r.c0_shift is not None:
+                init["c0_shift_domain"] = np.asarray(r.c0_shift_domain)
             if fine:
                 n_forward_fine += r.n_forward
             else:
@@ -506,7 +529,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             rec = {"grid": m, "round": rnd, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "nit": r.nit,
                    "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
                    "relative_tumor_error": r.relative_tumor_error, "max_u": r.max_u}
-            if atoms_l is None:
+            if atoms_l is None and not lopt.c0_shift:
                 r.c0 = c0_cur
             if n_rounds <= 0:
                 break
@@ -589,10 +612,13 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     ops, atlas_tissues, c0, d, O, vt_patient, atoms = _in_precision(
         ops, options.precision, atlas_tissues, c0, d, O, vt_patient, atoms)
     n_weights = 0 if atoms is None else int(atoms.shape[0])
+    shift = options.c0_shift > 0
     bounds = options.bounds_scaled(n_weights)
     x0 = to_scaled(init["gamma"], init["rho"], init["kappa"])
     if n_weights:
         x0 = np.r_[x0, np.asarray(init["c0_weights"], dtype=float)]
+    if shift:  # δ in voxels of this grid (init carries it in domain units)
+        x0 = np.r_[x0, np.asarray(init.get("c0_shift_domain", np.zeros(3)), dtype=float) / ops.h]
     x0 = np.clip(x0, bounds.lb, bounds.ub)
     obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms)
     state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
@@ -620,7 +646,9 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         gn = projected_gradient_norm(x, g, bounds)
         entry = {"iteration": state["nit"], "objective": J, "gradient_norm": gn, **from_scaled(x)}
         if n_weights:
-            entry["c0_weights"] = [float(v) for v in x[3:]]
+            entry["c0_weights"] = [float(v) for v in x[3:3 + n_weights]]
+        if shift:
+            entry["c0_shift_voxels"] = [float(v) for v in x[3 + n_weights:]]
         history.append(entry)
         state.update(x=np.array(x), J=J)
         report(f"S.3 iteration {state['nit']}: J={J:.4e} |g|={gn:.2e}")
@@ -700,9 +728,13 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         gradient_norm_initial=float(g0_ref if g0_ref is not None else (state["g0"] or 0.0)),
         hessian_condition=cond, cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0,
         history=history, forward=fwd)
-    if n_weights:
+    if n_weights or shift:
         out.c0 = ops.xp.asarray(obj.c0_at(x), dtype=caller_dtype)
-        out.c0_weights = [float(v) for v in x[3:]]
+    if n_weights:
+        out.c0_weights = [float(v) for v in x[3:3 + n_weights]]
+    if shift:
+        out.c0_shift = [float(v) for v in x[3 + n_weights:]]
+        out.c0_shift_domain = [float(v) * ops.h for v in x[3 + n_weights:]]
     report(f"S.3 done: γ={out.gamma:.3f} ρ={out.rho:.2f} κ={out.kappa:.4f}")
     return out
 

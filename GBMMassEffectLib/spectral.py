@@ -70,6 +70,24 @@ class SpectralOps:
     def laplacian(self, f):
         return self.ifft(-self.ksq * self.fft(f))
 
+    def translate(self, f, shift):
+        """f(x − s) for a shift s (3 domain units) by the Fourier phase exp(−i k·s), smooth in
+        s; the Nyquist mode (which no real phase can shift) is dropped."""
+        xp = self.xp
+        s = [float(v) for v in shift]
+        phase = xp.exp(-1j * (self.k[0] * s[0] + self.k[1] * s[1] + self.k[2] * s[2]))
+        return self.ifft(phase * self._nyquist_free * self.fft(f))
+
+    @property
+    def _nyquist_free(self):
+        """1 off, 0 on the Nyquist planes of the rfftn spectrum."""
+        if not hasattr(self, "_nyq"):
+            n, xp = self.n, self.xp
+            m = np.ones((n, n, n // 2 + 1))
+            m[n // 2, :, :] = m[:, n // 2, :] = m[:, :, -1] = 0.0
+            self._nyq = xp.asarray(m, dtype=self.dtype)
+        return self._nyq
+
     # ---- Gaussian smoothing (reference kernel) ---------------------------------
     def gaussian_multiplier(self, sigma: float):
         """Fourier multiplier of the reference's sampled, periodised, normalised Gaussian."""

@@ -440,3 +440,70 @@ def test_recovery_with_c0_refit_16(glia_testdata, optimizer):
     assert abs(r.max_u - umax) / umax < 0.02
     assert r.success, r.message  # by §6's relative-gradient rule
     assert r.n_forward >= 6 * (r.nit + 1)  # 1 + 5 solves per gradient (or Jacobian)
+
+
+# ---- c0 shift: a translation of c0 optimised with (γ, ρ, κ) -----------------------------------
+def test_c0_shift_option_checked():
+    assert MassEffectOptions.from_dict({"c0_shift": 2}).c0_shift == 2
+    for bad in (-1, True, "2", float("inf")):
+        with pytest.raises(ValueError, match="c0_shift must be"):
+            MassEffectOptions.from_dict({"c0_shift": bad})
+    with pytest.raises(ValueError, match="choose one"):
+        MassEffectOptions.from_dict({"c0_shift": 1.0, "c0_pullback": 1})
+    b = MassEffectOptions(c0_refit=True, c0_shift=1.5).bounds_scaled(2)
+    assert len(b.lb) == 8 and list(b.lb[5:]) == [-1.5] * 3 and list(b.ub[5:]) == [1.5] * 3
+    assert list(b.ub[3:5]) == [1.0, 1.0]
+    assert len(MassEffectOptions().bounds_scaled(0).lb) == 3
+
+
+def test_objective_c0_at_translates_and_rescales():
+    """c0_at with c0_shift: c0(x − δh), max 1, on a fixed c0 and on refitted atoms alike;
+    an integer δ is an exact roll (up to the dropped Nyquist mode)."""
+    ops = SpectralOps(32, get_backend("cpu", "float64"))
+    x, y, z = ops.coordinates()
+    c0 = np.exp(-((x - 3) ** 2 + (y - 3.2) ** 2 + (z - 2.9) ** 2) / (2 * (2 * ops.h) ** 2))
+    opt = MassEffectOptions(c0_shift=2.0)
+    obj = MassEffectObjective(ops, None, c0, np.zeros_like(c0), None, np.zeros_like(c0), opt)
+    xs = np.r_[to_scaled(0.5, 10, 0.02), [1.0, -2.0, 0.0]]
+    np.testing.assert_allclose(obj.c0_at(xs), np.roll(np.roll(c0, 1, 0), -2, 1) / c0.max(), atol=1e-6)
+    half = obj.c0_at(np.r_[xs[:3], [0.5, 0.0, 0.0]])
+    assert half.max() == pytest.approx(1.0)
+    com = lambda c: float((c.sum((1, 2)) * np.arange(32)).sum() / c.sum())  # noqa: E731
+    assert com(half) - com(c0) == pytest.approx(0.5, abs=1e-6)
+    atoms = np.stack([c0, np.roll(c0, 3, 2)])
+    obj = MassEffectObjective(ops, None, None, np.zeros_like(c0), None, np.zeros_like(c0),
+                              MassEffectOptions(c0_refit=True, c0_shift=1.0), atoms=atoms)
+    got = obj.c0_at(np.r_[xs[:3], [1.0, 0.5], [0.0, 0.0, 1.0]])
+    want = np.roll(c0 + 0.5 * np.roll(c0, 3, 2), 1, 2)
+    np.testing.assert_allclose(got, want / want.max(), atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["gauss-newton"])
+def test_recovery_with_c0_shift_16(glia_testdata, optimizer):
+    """The patient's c0 is S.3's c0 translated by δ* = (0.6, −0.5, 0.4) voxels. With c0 fixed
+    γ comes out off; with c0_shift, δ, γ, ρ, κ and max|u| come back."""
+    ops, tissues, _, _ = _atlas_case(glia_testdata, 16)
+    mask = brain_mask(tissues.wm, tissues.gm, tissues.vt)
+    centre = np.array([7.0, 8.0, 8.0]) * ops.h
+    c0_given = gaussian_atom(ops, centre, ops.h, mask)
+    c0_given = c0_given / c0_given.max()
+    shift = np.array([0.6, -0.5, 0.4])
+    c0_true = gaussian_atom(ops, centre + shift * ops.h, ops.h, mask)
+    c0_true = c0_true / c0_true.max()
+    res = run_forward(ops, tissues, c0_true.astype(np.float32), ForwardParams(**TRUTH), on_cfl="raise")
+    umax = float(res.displacement_norm().max())
+    start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
+    fixed = invert_mass_effect(ops, tissues, c0_given, res.c, None, res.tissues.vt, initial=start,
+                               options=MassEffectOptions(workers=2, hessian=False, optimizer=optimizer))
+    r = invert_mass_effect(ops, tissues, c0_given, res.c, None, res.tissues.vt, initial=start,
+                           options=MassEffectOptions(workers=2, hessian=False, c0_shift=1.5, optimizer=optimizer))
+    e = lambda a, k: abs(getattr(a, k) - TRUTH[k]) / TRUTH[k]  # noqa: E731
+    print(f"\nfixed: γ {fixed.gamma:.4f} ρ {fixed.rho:.3f} κ {fixed.kappa:.5f}; shifted: γ {r.gamma:.4f} "
+          f"ρ {r.rho:.3f} κ {r.kappa:.5f} δ {np.round(r.c0_shift, 3)} ({r.nit} its, {r.n_forward} solves)")
+    assert len(r.x) == 6 and r.c0_weights is None
+    np.testing.assert_allclose(r.c0_shift, shift, atol=0.05)
+    np.testing.assert_allclose(r.c0_shift_domain, np.asarray(r.c0_shift) * ops.h)
+    assert max(e(fixed, k) for k in TRUTH) > 0.05
+    assert e(r, "gamma") < 0.02 and e(r, "rho") < 0.02 and e(r, "kappa") < 0.05, (r.gamma, r.rho, r.kappa)
+    assert abs(r.max_u - umax) / umax < 0.02
+    assert r.success, r.message
