@@ -45,7 +45,7 @@ class SemiLagrangian:
     # ---- trajectories ------------------------------------------------------------
     def set_velocity(self, v):
         """Compute the RK2 departure points X for velocity v (3, n, n, n), ∇·v and (∇·v)(X)."""
-        xp, n, dt = self.xp, self.n, self.dt
+        xp, n = self.xp, self.n
         v = xp.asarray(v, dtype=self.dtype)
         if tuple(v.shape) != (3, n, n, n):
             raise ValueError(f"velocity must have shape (3, {n}, {n}, {n}), got {tuple(v.shape)}")

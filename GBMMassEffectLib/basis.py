@@ -141,7 +141,6 @@ class GaussianBasis:
         if local:
             w = _kernel_weights(n, h, h, M)
             off_big = np.arange(-(R + M), R + M + 1)
-            off = np.arange(-R, R + 1)
             for s in range(0, m, chunk):
                 Cc = C[s:s + chunk]
                 ic = np.rint(Cc / h).astype(np.int64)  # (k, 3)

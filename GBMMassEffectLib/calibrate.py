@@ -16,7 +16,8 @@ every output lies on it.
 Stages:
   S.1  on the patient in the patient's n³ box: tissue fractions with the tumor counted as
        white matter, d = tumor-core indicator smoothed one voxel (or the concentration),
-       O = 0 on edema; sparse_ic.solve_sparse_ic → c0 (max 1), κ, ρ.
+       O = 0 on edema; sparse_ic.solve_s1 → c0 (max 1), κ, ρ: one grid below 64³,
+       coarse-to-fine from n/2 from 64³ on (job option s1.coarse_factor; 1 = one grid).
   S.2  per atlas (chosen by ventricle volume, atlases.select_atlases): register patient →
        atlas (registration.register_patient_to_atlas on the tissue channels, or
        register_t1), tumor masked, affine only by default (S2_DEFORMABLE: a deformable
@@ -85,6 +86,11 @@ S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0
 #: Jacobian of the residual, the same 1 + |x| solves per iteration as §6's FD gradient
 #: (mass_effect_inversion's docstring); "lbfgsb" is §6's L-BFGS-B
 S3_OPTIMIZER = "gauss-newton"
+#: S.3 also optimises a translation of c0 of up to this many mm per axis (job option
+#: s3.c0_shift, in voxels of the grid, overrides it; 0 = off): S.1 places c0 for a model
+#: without mass effect, off the origin by up to the mass effect's displacement
+#: (mass_effect_inversion's docstring); 16 mm = one S.1 candidate spacing at 32³, two at 64³
+S3_C0_SHIFT_MM = 16.0
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -245,12 +251,14 @@ class CalibrateJob:
         from .mass_effect_inversion import MassEffectOptions
 
         d = dict(self.options.get("s3") or {})
-        # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights
-        # (mass_effect_inversion's module docstring). "c0_refit": false with "c0_pullback": K
-        # pulls it back K rounds instead; both off keep the paper's fixed c0.
+        # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights and
+        # a translation of c0 (mass_effect_inversion's module docstring). "c0_refit": false
+        # with "c0_pullback": K pulls it back K rounds instead; "c0_refit": false alone keeps
+        # the paper's fixed c0 (no translation unless "c0_shift" asks for one).
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
+        d.setdefault("c0_shift", S3_C0_SHIFT_MM * self.grid / self.box_mm if d["c0_refit"] is True else 0.0)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:
@@ -590,15 +598,17 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     T_p = box_tissues(geom_p, s1_img, ops)
     d_p, O_p, core_p, edema_p = _box_data(ops, geom_p, patient)
     P("S.1", *STAGE_SPAN["S.1"], 0.0, f"S.1: sparse initial condition on the {job.grid}^3 patient box")
-    from .sparse_ic import solve_sparse_ic, support_atoms
+    from .sparse_ic import solve_s1, support_atoms
 
     try:
-        s1 = solve_sparse_ic(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
-                             progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
+        s1 = solve_s1(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
+                      progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
     except ValueError as exc:  # data the S.1 basis cannot represent: an input problem
         raise InputError(f"S.1: {exc} (the tumor is too small for the {job.grid}^3 box of "
                          f"{geom_p.spacing:.3g} mm voxels; use a finer --grid)") from None
     timings["S.1_s"] = time.perf_counter() - t0
+    if s1.coarse_fallback:
+        notes.append(f"S.1 ran on the {job.grid}^3 grid only (no coarse-to-fine: {s1.coarse_fallback})")
     check_cancel(cancel)
     centres = np.asarray(s1.centres, float)
     s1_report = {
@@ -606,7 +616,9 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
         "misfit": float(s1.misfit), "relative_error": float(s1.relative_error),
         "status": int(s1.status), "success": bool(s1.success), "message": str(s1.message),
         "nit": int(s1.nit), "nfev": int(s1.nfev), "support": int(len(s1.support)),
-        "components": int(s1.components),
+        "components": int(s1.components), "coarse_factor": int(s1.coarse_factor),
+        "coarse_grid": job.grid // int(s1.coarse_factor) if s1.coarse_factor > 1 else None,
+        "coarse_fallback": s1.coarse_fallback,
         "centres_domain": centres.tolist(), "weights": [float(v) for v in np.asarray(s1.p)],
         "centres_lps_mm": [geom_p.domain_to_physical(c).tolist() for c in centres],
         "seconds": timings["S.1_s"],
@@ -975,6 +987,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         "gradient_norm": summ["gradient_norm"], "gradient_norm_initial": summ["gradient_norm_initial"],
         "s3_seconds": res.seconds, "history": summ["history"], "box": geom_a.to_dict(),
         "c0_rounds": summ["c0_rounds"], "c0_weights": summ["c0_weights"],
+        # c0_shift: S.3's translation of c0 along the atlas box's axes (mm)
+        "c0_shift_mm": None if res.c0_shift_domain is None else [v * mm for v in res.c0_shift_domain],
     })
     P("S.3", a_lo, a_hi, 0.9, f"atlas {atlas.name}: mapping results to the patient", atlas=entry["index"])
     fwd = res.forward

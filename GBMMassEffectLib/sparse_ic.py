@@ -504,15 +504,13 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
     coarse_fields = [None if f is None else xp.asarray(coarsen(f, factor), dtype=ops.dtype)
                      for f in (wm, gm, vt, csf, data)]
     cO = None if O is None else xp.asarray(coarsen(O, factor) > 0.5, dtype=ops.dtype)
-    sub_progress = None
-    if progress is not None:
-        def sub_progress(rec, _p=progress):
-            rec = dict(rec)
-            rec["fraction"] = 0.5 * rec["fraction"]
-            rec["message"] = f"{n // factor}³: " + rec["message"]
-            _p(rec)
-    coarse = solve_sparse_ic(coarse_ops, *coarse_fields, O=cO, options=opt, progress=sub_progress,
-                             cancel=cancel)
+    def sub_progress(rec):
+        rec = dict(rec)
+        rec["fraction"] = 0.5 * rec["fraction"]
+        rec["message"] = f"{n // factor}³: " + rec["message"]
+        progress(rec)
+    coarse = solve_sparse_ic(coarse_ops, *coarse_fields, O=cO, options=opt,
+                             progress=None if progress is None else sub_progress, cancel=cancel)
     # fine candidates near the coarse support
     fields = [xp.asarray(f if f is not None else np.zeros((n, n, n)), dtype=ops.dtype) for f in (wm, gm, vt)]
     if mask is None:
@@ -528,14 +526,13 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
     # the fine level starts from the coarse κ and ρ; the final stage re-picks ρ from rho_grid
     # (coarse κ, ρ are biased: an atom twice as wide with max(c0) = 1 holds ~8× the mass)
     fopt = SparseICOptions(**{**fopt.__dict__, "kappa0": coarse.kappa, "rho0": coarse.rho})
-    fine_progress = None
-    if progress is not None:
-        def fine_progress(rec, _p=progress):
-            rec = dict(rec)
-            rec["fraction"] = 0.5 + 0.5 * rec["fraction"]
-            rec["iteration"] += len(coarse.history)
-            _p(rec)
-    res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=fopt, progress=fine_progress,
+    def fine_progress(rec):
+        rec = dict(rec)
+        rec["fraction"] = 0.5 + 0.5 * rec["fraction"]
+        rec["iteration"] += len(coarse.history)
+        progress(rec)
+    res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=fopt,
+                          progress=None if progress is None else fine_progress,
                           cancel=cancel, basis=basis, mask=mask)
     res.coarse = coarse
     res.nfev_fine = res.nfev

@@ -68,7 +68,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import S2_DEFORMABLE, S3_OPTIMIZER  # noqa: E402
+from GBMMassEffectLib.calibrate import S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER  # noqa: E402
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
@@ -187,9 +187,17 @@ class Patient:
         gm = xp.where(tum, 0, T.gm).astype(self.ops.dtype)
         return wm, gm, T.vt, T.csf
 
-    def inverted_c0(self, max_iter: int, cache_dir: pathlib.Path | None = None):
-        """S.1 on the patient (cached per patient, and in cache_dir/s1_<n>_<case>.npz)."""
-        cache = None if cache_dir is None else cache_dir / f"s1_{self.ops.n}_{self.case}.npz"
+    def inverted_c0(self, max_iter: int, cache_dir: pathlib.Path | None = None,
+                    coarse_factor: int | None = None):
+        """S.1 on the patient as calibrate runs it (sparse_ic.solve_s1: coarse-to-fine from
+        n/k, k = s1_coarse_factor), cached per patient and in cache_dir/s1_<n>_<case>.npz
+        (s1_<n>_<case>_c<k>.npz when k > 1)."""
+        from GBMMassEffectLib.sparse_ic import SparseICOptions, s1_coarse_factor
+
+        s1_opt = SparseICOptions(final_maxiter=max_iter, coarse_factor=coarse_factor)
+        k = s1_coarse_factor(self.ops.n, s1_opt)
+        name = f"s1_{self.ops.n}_{self.case}" + (f"_c{k}" if k > 1 else "") + ".npz"
+        cache = None if cache_dir is None else cache_dir / name
         if self.s1 is None and cache is not None and cache.exists():
             z = np.load(cache, allow_pickle=False)
             if "atoms" in z.files:  # older caches lack S.1's atoms (c0 refit): recompute
@@ -198,20 +206,20 @@ class Patient:
                 self.s1_atoms = (z["atoms"], z["weights"])
                 log(f"S.1 case {self.case}: from {cache}")
         if self.s1 is None:
-            from GBMMassEffectLib.sparse_ic import SparseICOptions, solve_sparse_ic, support_atoms
+            from GBMMassEffectLib.sparse_ic import solve_s1, support_atoms
 
             ops = self.ops
             wm, gm, vt, csf = self.s1_tissues()
             t = time.perf_counter()
-            r = solve_sparse_ic(ops, wm, gm, vt, csf, self.d, self.O,
-                                SparseICOptions(final_maxiter=max_iter))
+            r = solve_s1(ops, wm, gm, vt, csf, self.d, self.O, s1_opt)
             sec = time.perf_counter() - t
             c0 = ops.xp.asarray(r.c0, dtype=ops.dtype)
             err = float(ops.norm(c0 - self.c0) / ops.norm(self.c0))
             self.s1_atoms = (support_atoms(r), np.asarray(r.p, dtype=np.float64))
             self.s1 = (c0, {"kappa_s1": float(r.kappa), "rho_s1": float(r.rho),
                             "s1_relative_error": float(r.relative_error), "s1_support": int(len(r.support)),
-                            "s1_c0_error": err, "s1_seconds": sec})
+                            "s1_c0_error": err, "s1_seconds": sec, "s1_coarse_factor": k,
+                            "s1_nfev": int(r.nfev)})
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache, c0=to_numpy(c0), info=json.dumps(self.s1[1]), atoms=self.s1_atoms[0],
@@ -277,7 +285,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     if exp == "true-ic":
         c0, d, O, vt_p = patient.c0, patient.d, patient.O, patient.vt
     else:
-        c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache")
+        c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache", args.s1_coarse_factor)
         extra.update(s1)
         if refit:
             atoms, weights = patient.s1_atoms
@@ -292,11 +300,12 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
                              coarse_grids=tuple(args.coarse_grids),
                              c0_pullback=0 if exp == "true-ic" or refit else args.c0_pullback, c0_refit=refit,
-                             optimizer=args.optimizer)
+                             optimizer=args.optimizer, c0_shift=0.0 if exp == "true-ic" else args.c0_shift)
 
     def progress(ev):
         if args.verbose:
-            log(f"  {exp} {p.name} {target.name}: {ev.get('message')}")
+            par = " ".join(f"{k[0]}={ev[k]:.4g}" for k in ("gamma", "rho", "kappa") if ev.get(k) is not None)
+            log(f"  {exp} {p.name} {target.name}: {ev.get('message')} ({par})")
 
     r = invert_mass_effect(ops, target.tissues, c0, d, O, vt_p,
                            initial=start, options=opts, progress=progress, atlas=target.name,
@@ -317,6 +326,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "coarse": r.coarse, "n_forward_coarse": r.n_forward_coarse,
            "c0_pullback": opts.c0_pullback, "c0_rounds": r.c0_rounds,
            "c0_refit": refit, "c0_weights": r.c0_weights, "optimizer": opts.optimizer,
+           "c0_shift_max": opts.c0_shift, "c0_shift": r.c0_shift,
            "c0_error": float(ops.norm(ops.xp.asarray(r.c0, dtype=ops.dtype) - patient.c0) / ops.norm(patient.c0))
            if target is patient.anatomy else None,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
@@ -385,6 +395,8 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
             lines += ["", "S.1 (inverted IC): " + "; ".join(
                 f"{label(r['case'])} κ {r['kappa_s1']:.4f}, ρ {r['rho_s1']:.2f}, support {r['s1_support']}, "
                 f"‖c0 − c0*‖/‖c0*‖ {r['s1_c0_error']:.3f}, {r['s1_seconds']:.0f} s"
+                + (f" (coarse-to-fine from {doc['grid'] // r['s1_coarse_factor']}³)"
+                   if r.get("s1_coarse_factor", 1) > 1 else "")
                 for r in sorted({r['case']: r for r in s1}.values(), key=lambda r: r['case']))]
         pb = [r for r in sel if r.get("c0_rounds")]
         if pb:
@@ -397,7 +409,9 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
             lines += ["", "S.3 c0 refit (S.1's atom weights after S.3, each in [0, 1]; ‖c0 − c0*‖/‖c0*‖ of the "
                       "refitted c0 on the true atlas): " + "; ".join(
                           f"{label(r['case'])} {r['atlas']}: (" + ", ".join(f"{w:.2f}" for w in r["c0_weights"])
-                          + ")" + ("" if r.get("c0_error") is None else f", {r['c0_error']:.3f}")
+                          + ")" + ("" if not r.get("c0_shift") else
+                                   " shift (" + ", ".join(f"{v:+.2f}" for v in r["c0_shift"]) + ") voxels")
+                          + ("" if r.get("c0_error") is None else f", {r['c0_error']:.3f}")
                           for r in sorted(rf, key=lambda r: (r['case'], r['atlas'])))]
         reg = [r for r in sel if "registration_score" in r]
         if reg:
@@ -467,9 +481,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--c0-shift", type=float, default=None,
+                    help="S.3 also fits a translation of c0 within this many voxels (0: off; default "
+                         f"calibrate's {S3_C0_SHIFT_MM:g} mm)")
+    ap.add_argument("--s1-coarse-factor", type=int, default=None,
+                    help="S.1 coarse-to-fine from n/k (1: one grid; default calibrate's: 2 from 64³ on)")
     ap.add_argument("--verbose", action="store_true", help="log every S.3 iteration")
     args = ap.parse_args(argv)
     args.c0_refit = args.c0 == "refit"
+    if args.c0_shift is None:
+        args.c0_shift = S3_C0_SHIFT_MM * args.grid / 256.0 if args.c0_refit else 0.0
     if args.c0 != "pullback":
         args.c0_pullback = 0
 
