@@ -86,11 +86,14 @@ S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0
 #: Jacobian of the residual, the same 1 + |x| solves per iteration as §6's FD gradient
 #: (mass_effect_inversion's docstring); "lbfgsb" is §6's L-BFGS-B
 S3_OPTIMIZER = "gauss-newton"
-#: S.3 also optimises a translation of c0 of up to this many mm per axis (job option
-#: s3.c0_shift, in voxels of the grid, overrides it; 0 = off): S.1 places c0 for a model
-#: without mass effect, off the origin by up to the mass effect's displacement
-#: (mass_effect_inversion's docstring); 16 mm = one S.1 candidate spacing at 32³, two at 64³
-S3_C0_SHIFT_MM = 16.0
+#: with the refit, S.3 may also optimise a translation of c0 of up to this many mm per axis
+#: (job option s3.c0_shift, in voxels of the grid; 0 = off, the default). Measured at 32³
+#: (README "Accuracy"): it recovers a true c0 that one translated S.1 atom reproduces
+#: exactly (concentration TC(b)-(d) all < 1%), helps on label TC(c) (eγ 13.8% → 7.6%) and
+#: sri24 (20% → 12.7%), but hurts on label TC(b) (3.3% → 6.9%), the demo patient, colin27
+#: (2.2% → 3.5%) and a c0 wider than an atom (5.4% → 7.5%): not a default until it wins
+#: where the truth is not an atom. 16 mm (one S.1 candidate spacing at 32³) was measured.
+S3_C0_SHIFT_MM = 0.0
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -251,10 +254,10 @@ class CalibrateJob:
         from .mass_effect_inversion import MassEffectOptions
 
         d = dict(self.options.get("s3") or {})
-        # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights and
-        # a translation of c0 (mass_effect_inversion's module docstring). "c0_refit": false
-        # with "c0_pullback": K pulls it back K rounds instead; "c0_refit": false alone keeps
-        # the paper's fixed c0 (no translation unless "c0_shift" asks for one).
+        # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights
+        # (mass_effect_inversion's module docstring; "c0_shift": voxels also translates it).
+        # "c0_refit": false with "c0_pullback": K pulls it back K rounds instead;
+        # "c0_refit": false alone keeps the paper's fixed c0.
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)

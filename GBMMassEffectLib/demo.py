@@ -12,9 +12,9 @@
 3. A short summary (recovered vs true κ, ρ, γ, max|u|; where the outputs are) printed to
    stdout and saved as OUT/demo_summary.json.
 
-Default: grid 32 (8 mm box voxels), S.3 as calibrate runs it (c0 refit with translation,
-Gauss-Newton) but at most 8 iterations and no Hessian, affine registration on 4 mm grids:
-about 27 min of CPU time, over the 10-minute aim (timing in the README). --full: the paper setting, grid 128
+Default: grid 32 (8 mm box voxels), S.3 as calibrate runs it (c0 refit, Gauss-Newton) but
+at most 8 iterations and no Hessian, affine registration on 4 mm grids, sized for about 10
+minutes on 2 CPU cores (timing in the README). --full: the paper setting, grid 128
 on a CPU (256 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
 registration at their defaults (hours on a CPU).
 Output folder default: ./gbm-demo-output (relative to the current directory).

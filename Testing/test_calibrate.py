@@ -166,8 +166,11 @@ def test_full_pipeline_outputs(case, full_run):
         w = e["c0_weights"]
         assert len(w) == report["s1"]["support"] and all(0 <= v <= 1 for v in w) and max(w) > 0
         assert e["c0_rounds"] == []
-        # and translates it (mm along the atlas box's axes) within S3_C0_SHIFT_MM
-        assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM + 1e-9
+        # and translates it (mm along the atlas box's axes) within S3_C0_SHIFT_MM when that is on
+        if S3_C0_SHIFT_MM > 0:
+            assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM + 1e-9
+        else:
+            assert e["c0_shift_mm"] is None
         sub = out / f"atlas_{e['name']}"
         for name in ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement.nrrd", "result.json"):
             assert (sub / name).is_file()
@@ -226,12 +229,13 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"optimizer": "bfgs"})
     assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
     assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
-    # the refit also translates c0 by up to S3_C0_SHIFT_MM (in voxels of the grid); the
-    # pull-back and the paper's fixed c0 do not, unless asked
-    assert S3_C0_SHIFT_MM > 0 and job.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM * job.grid / job.box_mm)
+    # the refit translates c0 by up to S3_C0_SHIFT_MM (in voxels of the grid; 0 = off, the
+    # default) or as asked; the pull-back and the paper's fixed c0 do not, unless asked
+    assert job.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM * job.grid / job.box_mm)
     g32 = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "grid": 32})
     assert g32.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM / 8.0)
     assert o3({"c0_pullback": 2}).c0_shift == 0 and o3({"c0_refit": False}).c0_shift == 0
+    assert o3({"c0_shift": 2.0}).c0_shift == 2.0 and o3({"c0_shift": 2.0}).c0_refit is True
     assert o3({"c0_refit": False, "c0_shift": 1.5}).c0_shift == 1.5 and o3({"c0_shift": 0}).c0_shift == 0
     with pytest.raises(InputError, match="c0_shift must be"):
         o3({"c0_shift": -1})

@@ -487,8 +487,8 @@ def main(argv=None) -> int:
     ap.add_argument("--c0-sigma-mm", type=float, default=SIGMA_MM,
                     help="width σ of the true c0 (default 8 mm = one S.1 atom at 32³; wider: no atom reproduces it)")
     ap.add_argument("--c0-shift", type=float, default=None,
-                    help="S.3 also fits a translation of c0 within this many voxels (0: off; default "
-                         f"calibrate's {S3_C0_SHIFT_MM:g} mm)")
+                    help="with the refit, S.3 also fits a translation of c0 within this many voxels "
+                         f"(0: off; default calibrate's {S3_C0_SHIFT_MM:g} mm)")
     ap.add_argument("--s1-coarse-factor", type=int, default=None,
                     help="S.1 coarse-to-fine from n/k (1: one grid; default calibrate's: 2 from 64³ on)")
     ap.add_argument("--verbose", action="store_true", help="log every S.3 iteration")
