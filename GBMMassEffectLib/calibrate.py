@@ -94,6 +94,11 @@ S3_OPTIMIZER = "gauss-newton"
 #: (2.2% → 3.5%) and a c0 wider than an atom (5.4% → 7.5%): not a default until it wins
 #: where the truth is not an atom. 16 mm (one S.1 candidate spacing at 32³) was measured.
 S3_C0_SHIFT_MM = 0.0
+
+
+def s3_c0_shift_voxels(grid: int, box_mm: float) -> float:
+    """S3_C0_SHIFT_MM in voxels of an n³ box of edge box_mm (MassEffectOptions.c0_shift)."""
+    return S3_C0_SHIFT_MM * grid / box_mm
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -261,7 +266,7 @@ class CalibrateJob:
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
-        d.setdefault("c0_shift", S3_C0_SHIFT_MM * self.grid / self.box_mm if d["c0_refit"] is True else 0.0)
+        d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm) if d["c0_refit"] is True else 0.0)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:

@@ -248,18 +248,25 @@ class MassEffectObjective:
         return ForwardParams(kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], nt=o.nt, dt=o.dt,
                              r_k=o.r_k, r_rho=o.r_rho, elasticity_rtol=o.elasticity_rtol)
 
+    def weights_of(self, x) -> np.ndarray:
+        """The atom weights q = x[3:3+s] of x (empty without c0_refit)."""
+        return np.asarray(x, dtype=float)[3:3 + self.n_weights]
+
+    def shift_of(self, x) -> np.ndarray:
+        """The translation δ of c0 in voxels, x[3+s:3+s+3] (empty without c0_shift)."""
+        return np.asarray(x, dtype=float)[3 + self.n_weights:3 + self.n_weights + 3 * self.shift]
+
     def c0_at(self, x):
-        """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q = x[3:3+s] (c0_refit);
-        with c0_shift, translated by δ = x[3+s:] voxels (spectral phase) and rescaled to max 1."""
+        """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q (c0_refit); with
+        c0_shift, translated by δ voxels (spectral phase) and rescaled to max 1."""
         if self.atoms is None and not self.shift:
             return self.c0
-        xp, x = self.ops.xp, np.asarray(x, dtype=float)
+        xp = self.ops.xp
         c = self.c0
         if self.atoms is not None:
-            q = xp.asarray(x[3:3 + self.n_weights], dtype=self.atoms.dtype)
-            c = xp.tensordot(q, self.atoms, axes=1)
+            c = xp.tensordot(xp.asarray(self.weights_of(x), dtype=self.atoms.dtype), self.atoms, axes=1)
         if self.shift:
-            c = self.ops.translate(c, x[3 + self.n_weights:3 + self.n_weights + 3] * self.ops.h)
+            c = self.ops.translate(c, self.shift_of(x) * self.ops.h)
         top = float(xp.max(c))
         return c / c.dtype.type(top) if top > 0 else c
 
@@ -544,8 +551,6 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             rec = {"grid": m, "round": rnd, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "nit": r.nit,
                    "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
                    "relative_tumor_error": r.relative_tumor_error, "max_u": r.max_u}
-            if atoms_l is None and not lopt.c0_shift:
-                r.c0 = c0_cur
             if n_rounds <= 0:
                 break
             c0_new = pull_back(lops, c0_given, r.forward.u)
@@ -664,9 +669,9 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         gn = projected_gradient_norm(x, g, bounds)
         entry = {"iteration": state["nit"], "objective": J, "gradient_norm": gn, **from_scaled(x)}
         if n_weights:
-            entry["c0_weights"] = [float(v) for v in x[3:3 + n_weights]]
+            entry["c0_weights"] = obj.weights_of(x).tolist()
         if shift:
-            entry["c0_shift_voxels"] = [float(v) for v in x[3 + n_weights:]]
+            entry["c0_shift_voxels"] = obj.shift_of(x).tolist()
         history.append(entry)
         state.update(x=np.array(x), J=J)
         report(f"S.3 iteration {state['nit']}: J={J:.4e} |g|={gn:.2e}")
@@ -746,13 +751,12 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         gradient_norm_initial=float(g0_ref if g0_ref is not None else (state["g0"] or 0.0)),
         hessian_condition=cond, cfl_flagged=obj.cfl_flagged, seconds=time.perf_counter() - t0,
         history=history, forward=fwd)
-    if n_weights or shift:
-        out.c0 = ops.xp.asarray(obj.c0_at(x), dtype=caller_dtype)
+    out.c0 = ops.xp.asarray(obj.c0_at(x), dtype=caller_dtype)  # the c0 this level solved with
     if n_weights:
-        out.c0_weights = [float(v) for v in x[3:3 + n_weights]]
+        out.c0_weights = obj.weights_of(x).tolist()
     if shift:
-        out.c0_shift = [float(v) for v in x[3 + n_weights:]]
-        out.c0_shift_domain = [float(v) * ops.h for v in x[3 + n_weights:]]
+        out.c0_shift = obj.shift_of(x).tolist()
+        out.c0_shift_domain = (obj.shift_of(x) * ops.h).tolist()
     report(f"S.3 done: γ={out.gamma:.3f} ρ={out.rho:.2f} κ={out.kappa:.4f}")
     return out
 

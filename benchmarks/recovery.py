@@ -68,7 +68,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER  # noqa: E402
+from GBMMassEffectLib.calibrate import (S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER,  # noqa: E402
+                                        s3_c0_shift_voxels)
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
@@ -495,7 +496,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.c0_refit = args.c0 == "refit"
     if args.c0_shift is None:
-        args.c0_shift = S3_C0_SHIFT_MM * args.grid / 256.0 if args.c0_refit else 0.0
+        args.c0_shift = s3_c0_shift_voxels(args.grid, 256.0) if args.c0_refit else 0.0
     if args.c0 != "pullback":
         args.c0_pullback = 0
 
