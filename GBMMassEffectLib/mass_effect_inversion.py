@@ -193,7 +193,7 @@ class MassEffectResult:
     relative_tumor_error: float
     max_u: float  # domain units
     nit: int
-    nfev: int
+    nfev: int  # J evaluations of the optimiser: L-BFGS-B's (each 1 + |x| solves), GN's trial points
     n_forward: int
     status: int
     message: str
@@ -713,20 +713,28 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     if state["g0"] <= tolerance():  # a coarse level already left nothing to do here
         x, res_nit, res_nfev, res_message = x0, 0, 1, "start satisfies the stopping rule"
     elif gauss_newton:
+        trials = [0]
+
+        def residual(x):
+            trials[0] += 1
+            return obj.residual(x)
         try:
-            res = least_squares(obj.residual, x0, jac=jac, bounds=(bounds.lb, bounds.ub), method="trf",
+            res = least_squares(residual, x0, jac=jac, bounds=(bounds.lb, bounds.ub), method="trf",
                                 ftol=1e-15, xtol=1e-10, gtol=1e-15, max_nfev=3 * options.maxiter + 1)
             res_message = str(res.message)
         except _StopGaussNewton:
             res_message = "stopped by S.3's rules"
-        x, res_nit, res_nfev = state["x"], state["nit"], obj.n_forward
+        x, res_nit, res_nfev = state["x"], state["nit"], trials[0]
     else:
         res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
                        options={"maxiter": options.maxiter, "maxcor": options.maxcor,
                                 "ftol": 1e-12, "gtol": 1e-12})
         x, res_nit, res_nfev, res_message = res.x, res.nit, res.nfev, str(res.message)
     x = np.clip(x, bounds.lb, bounds.ub)
-    J, g = fd_gradient(obj, x, options, bounds)
+    if gauss_newton and state["g"] is not None and _key(x) == _key(state["x"]):
+        g = state["g"]  # Jᵀr at the last iterate: the gradient the stopping rule judged
+    else:
+        J, g = fd_gradient(obj, x, options, bounds)  # cached solves: no new ones at an iterate
     gn = projected_gradient_norm(x, g, bounds)
     converged = bool(state["g0"] is not None and gn <= tolerance())
     J_opt, parts, fwd = obj.solve(x)

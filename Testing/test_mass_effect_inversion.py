@@ -215,6 +215,10 @@ def _recover(glia_testdata, n: int, optimizer: str = "lbfgsb"):
     assert r.relative_tumor_error < 0.02
     assert r.max_u == pytest.approx(float(res.displacement_norm().max()), rel=0.02)
     assert r.n_forward >= 4 * (r.nit + 1) and r.cfl_flagged == 0
+    # nfev: the optimiser's J evaluations (L-BFGS-B: gradients; GN: trial points), ≥ 1 per iteration
+    assert r.nit <= r.nfev <= r.n_forward
+    if optimizer == "gauss-newton":  # the stopping rule judged Jᵀr; the result reports that one
+        assert r.success and r.gradient_norm <= 1e-3 * r.gradient_norm_initial, r.message
     return r
 
 
