@@ -731,10 +731,10 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
                                 "ftol": 1e-12, "gtol": 1e-12})
         x, res_nit, res_nfev, res_message = res.x, res.nit, res.nfev, str(res.message)
     x = np.clip(x, bounds.lb, bounds.ub)
-    if gauss_newton and state["g"] is not None and _key(x) == _key(state["x"]):
+    if gauss_newton and _key(x) == _key(state["x"]):  # jac(x0) above set state["g"]
         g = state["g"]  # Jᵀr at the last iterate: the gradient the stopping rule judged
     else:
-        J, g = fd_gradient(obj, x, options, bounds)  # cached solves: no new ones at an iterate
+        _, g = fd_gradient(obj, x, options, bounds)  # cached solves: no new ones at an iterate
     gn = projected_gradient_norm(x, g, bounds)
     converged = bool(state["g0"] is not None and gn <= tolerance())
     J_opt, parts, fwd = obj.solve(x)
