@@ -388,6 +388,31 @@ def test_stagnation_rule():
     assert not _stagnated(h(0.0857, 0.085703, 0.085702, 0.0857015, 0.085701))
 
 
+def test_settled_rule():
+    """S.3 stops when γ, ρ, κ (scaled) moved < 1e-4 relative and the c0 weights < 1e-3 over
+    three iterations; a parameter or a weight still moving keeps it going, also when γ = 0."""
+    from GBMMassEffectLib.mass_effect_inversion import _settled
+
+    def h(*rows):
+        return [{"gamma": g, "rho": r, "kappa": k, **({"c0_weights": w} if w is not None else {})}
+                for g, r, k, w in rows]
+
+    still = (0.82756, 11.3633, 0.05, None)
+    assert not _settled(h(still, still, still))  # too short to judge
+    assert _settled(h((0.9, 9.0, 0.03, None), (0.82750, 11.3633, 0.05, None), still, still,
+                      (0.82757, 11.3634, 0.05, None)))
+    assert not _settled(h(still, still, still, (0.82850, 11.3633, 0.05, None)))  # γ moved 1.2e-3
+    assert not _settled(h(still, still, still, (0.82756, 11.3633, 0.0501, None)))  # κ moved 2e-3
+    assert not _settled(h(still, still, still, (0.82756, 11.3753, 0.05, None)))  # ρ moved 1e-3
+    # γ at its lower bound 0: absolute change in 10γ against 1e-4
+    assert _settled(h(*[(0.0, 12.0, 0.025, None)] * 3, (0.000005, 12.0, 0.025, None)))
+    assert not _settled(h(*[(0.0, 12.0, 0.025, None)] * 3, (0.0001, 12.0, 0.025, None)))
+    # the c0 refit's atom weights must settle too
+    w = lambda *q: (0.82756, 11.3633, 0.05, list(q))  # noqa: E731
+    assert _settled(h(w(0.9, 0.5), w(0.9, 0.5), w(0.9, 0.5), w(0.9005, 0.5)))
+    assert not _settled(h(w(0.9, 0.5), w(0.9, 0.5), w(0.9, 0.5), w(0.9, 0.52)))
+
+
 # ---- c0 refit: S.1's atom weights optimised with (γ, ρ, κ) ------------------------------------
 def test_c0_refit_option_checked():
     assert MassEffectOptions.from_dict({"c0_refit": True}).c0_refit is True
