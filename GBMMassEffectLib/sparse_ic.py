@@ -258,18 +258,10 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     Returns a SparseICResult; raises progress.Cancelled when `cancel()` turns True.
     """
     opt = options or SparseICOptions()
-    opt.check()
     xp, n, h = ops.xp, ops.n, ops.h
     shape = (n, n, n)
-    fields = {}
-    for name, f in (("wm", wm), ("gm", gm), ("vt", vt), ("csf", csf), ("data", data)):
-        f = xp.asarray(f if f is not None else np.zeros(shape), dtype=ops.dtype)
-        if f.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {f.shape}")
-        fields[name] = f
+    fields = check_s1_inputs(ops, wm, gm, vt, csf, data, None, opt)
     d = fields["data"]
-    if float(xp.max(d)) <= opt.component_threshold:
-        raise ValueError(f"tumor data has no voxel above {opt.component_threshold}: nothing to invert")
     m_k = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_k, xp)
     m_r = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_rho, xp)
     model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
@@ -553,14 +545,41 @@ def s1_coarse_factor(n: int, options: SparseICOptions | None = None) -> int:
     return int(cf)
 
 
+def check_s1_inputs(ops: SpectralOps, wm, gm, vt, csf, data, O, options: SparseICOptions) -> dict:
+    """The grid-independent checks of S.1's input (options, shapes, data above the component
+    threshold, O·d ≠ 0 when O is given): one clear ValueError. Returns the fields as arrays."""
+    options.check()
+    xp, n = ops.xp, ops.n
+    shape = (n, n, n)
+    fields = {}
+    for name, f in (("wm", wm), ("gm", gm), ("vt", vt), ("csf", csf), ("data", data)):
+        f = xp.asarray(f if f is not None else np.zeros(shape), dtype=ops.dtype)
+        if f.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {f.shape}")
+        fields[name] = f
+    d = fields["data"]
+    if not bool(xp.all(xp.isfinite(d))):
+        raise ValueError("tumor data has NaN or infinite values")
+    if float(xp.max(d)) <= options.component_threshold:
+        raise ValueError(f"tumor data has no voxel above {options.component_threshold}: nothing to invert")
+    if O is not None and tuple(O.shape) != shape:
+        raise ValueError(f"O must have shape {shape}, got {tuple(O.shape)}")
+    if O is not None and not float(xp.max(xp.abs(xp.asarray(O, dtype=ops.dtype) * d))) > 0:
+        raise ValueError("the observed data O·d is zero: nothing to invert")
+    return fields
+
+
 def solve_s1(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICOptions | None = None,
              progress=None, cancel=None) -> SparseICResult:
     """Stage S.1 as calibrate runs it (§6): solve_sparse_ic on the given grid, or
     solve_sparse_ic_coarse_to_fine from n/k when s1_coarse_factor gives k > 1 (its fine
     level: one CoSaMP pass near the coarse support). A tumor the coarse grid cannot represent
     (too small once block-averaged) falls back to the single grid. result.coarse_factor
-    records the k used (1 after a fall-back), result.coarse_fallback why it fell back."""
+    records the k used (1 after a fall-back), result.coarse_fallback why it fell back. Input
+    errors (check_s1_inputs) raise before either grid runs, so only a coarse level that cannot
+    represent a valid tumor falls back."""
     options = options or SparseICOptions()
+    check_s1_inputs(ops, wm, gm, vt, csf, data, O, options)  # bad input fails once, here
     k = s1_coarse_factor(ops.n, options)
     fallback = None
     if k > 1:

@@ -187,6 +187,29 @@ def test_solve_s1_falls_back_to_one_grid_for_a_tumor_the_coarse_grid_cannot_hold
     assert np.linalg.norm(_com(ops, res.c0) / ops.h - 12) < 0.5
 
 
+def test_solve_s1_bad_input_fails_before_any_grid(monkeypatch):
+    """Input errors are raised by solve_s1 itself, once, with the input's message: neither the
+    coarse-to-fine path nor its single-grid fall-back runs on them."""
+    import GBMMassEffectLib.sparse_ic as sic
+
+    ops, wm, c0, d, _ = _synthetic(24)
+    ran = []
+    monkeypatch.setattr(sic, "solve_sparse_ic", lambda *a, **k: ran.append("one grid"))
+    monkeypatch.setattr(sic, "solve_sparse_ic_coarse_to_fine", lambda *a, **k: ran.append("coarse"))
+    opt = SparseICOptions(coarse_factor=2)
+    bad_d = d.copy()
+    bad_d[0, 0, 0] = np.nan
+    cases = [((wm, 0 * d, None), "no voxel above"), ((wm[:8], d, None), "wm must have shape"),
+             ((wm, bad_d, None), "NaN"), ((wm, d, np.zeros_like(d)), "O·d is zero"),
+             ((wm, d, np.ones((8, 8, 8))), "O must have shape")]
+    for (w, data, O), msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            sic.solve_s1(ops, w, None, None, None, data, O=O, options=opt)
+    with pytest.raises(ValueError, match="final"):
+        sic.solve_s1(ops, wm, None, None, None, d, options=SparseICOptions(final="other"))
+    assert ran == []
+
+
 def _compare_finals(n, options):
     ops, wm, c0, d, _ = _synthetic(n)
     out = {}
