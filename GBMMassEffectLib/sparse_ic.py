@@ -260,7 +260,7 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     opt = options or SparseICOptions()
     xp, n, h = ops.xp, ops.n, ops.h
     shape = (n, n, n)
-    fields = check_s1_inputs(ops, wm, gm, vt, csf, data, None, opt)
+    fields = check_s1_inputs(ops, wm, gm, vt, csf, data, O, opt)
     d = fields["data"]
     m_k = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_k, xp)
     m_r = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_rho, xp)
@@ -546,8 +546,9 @@ def s1_coarse_factor(n: int, options: SparseICOptions | None = None) -> int:
 
 
 def check_s1_inputs(ops: SpectralOps, wm, gm, vt, csf, data, O, options: SparseICOptions) -> dict:
-    """The grid-independent checks of S.1's input (options, shapes, data above the component
-    threshold, O·d ≠ 0 when O is given): one clear ValueError. Returns the fields as arrays."""
+    """The grid-independent checks of S.1's input (options, shapes, finite data above the
+    component threshold, O's shape and O·d ≠ 0 when O is given): one clear ValueError.
+    Returns the tissue and data fields as arrays of the grid's dtype."""
     options.check()
     xp, n = ops.xp, ops.n
     shape = (n, n, n)
