@@ -41,6 +41,9 @@ Stages:
        Gauss-Newton on the residual's FD Jacobian (S3_OPTIMIZER; "s3": {"optimizer":
        "lbfgsb"} is §6's L-BFGS-B): with the refit's coupled weights it converges in ~5×
        fewer forward solves.
+       On labels or masks the tumour term is the label band (S3_TUMOR_MISFIT: each label
+       boundary an iso-contour of c(1); "s3": {"tumor_misfit": "indicator"} is §5's), with
+       the warped core and edema fractions; a concentration is compared as is.
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
@@ -94,6 +97,12 @@ S3_OPTIMIZER = "gauss-newton"
 #: (2.2% → 3.5%) and a c0 wider than an atom (5.4% → 7.5%): not a default until it wins
 #: where the truth is not an atom. 16 mm (one S.1 candidate spacing at 32³) was measured.
 S3_C0_SHIFT_MM = 0.0
+#: S.3's tumour term on a label map or masks (job option s3.tumor_misfit; concentration data
+#: always uses §5's): "band" reads each label boundary as an iso-contour of c(1) at the
+#: levels `simulate` labels at (s3.core_threshold 0.4, s3.edema_threshold 0.02) and is zero
+#: when the predicted labels match; "indicator" is §5's ½h³‖O(c(1) − d)‖², which pulls the
+#: core to c = 1 (mass_effect_inversion's docstring has the measurements).
+S3_TUMOR_MISFIT = "band"
 
 
 def s3_c0_shift_voxels(grid: int, box_mm: float) -> float:
@@ -267,6 +276,12 @@ class CalibrateJob:
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
         d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm) if d["c0_refit"] is True else 0.0)
+        if self.tumor_concentration:  # a concentration is compared as is (§5 with O = 1)
+            if d.get("tumor_misfit", "indicator") != "indicator":
+                raise InputError("S.3 option tumor_misfit 'band' needs a tumor label map or masks, "
+                                 "not a tumor concentration")
+            d["tumor_misfit"] = "indicator"
+        d.setdefault("tumor_misfit", S3_TUMOR_MISFIT)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:
@@ -952,6 +967,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     if atoms_p is not None:  # each S.1 atom through the same registration (c0_refit)
         atoms_a = np.stack([np.clip(sitk.GetArrayFromImage(warp_to_atlas(a, reg, geom_a.reference_image())), 0, None)
                             for a in atoms_p[0]]).astype(np.float64)
+    labels_a = None
     if patient.concentration is not None:
         d_a = xp.asarray(np.clip(warp_fraction_to_box(io.image_like(patient.concentration, ref), reg, geom_a, m),
                                  0, 1), dtype=dt)
@@ -964,6 +980,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
             xp.asarray(warp_fraction_to_box(io.image_like(patient.edema, ref), reg, geom_a, m))
         d_a = tumor_data(ops, core)
         O_a = observation_operator(ops, core, edema)
+        labels_a = (core, edema)
     tarr = sitk.GetArrayFromImage(tissue_img)
     m_t = supersample_factor(geom_a, min(tissue_img.GetSpacing()))
     vt_a = warp_fraction_to_box(onehot(tarr, [7], tissue_img), reg, geom_a, m_t)
@@ -981,7 +998,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
 
     res = invert_mass_effect(ops, T_a, c0_a, d_a, O_a, vt_a, initial=initial, options=s3_opt,
                              progress=s3_progress, cancel=cancel, atlas=entry["index"],
-                             c0_atoms=atoms_a, c0_weights=None if atoms_p is None else atoms_p[1])
+                             c0_atoms=atoms_a, c0_weights=None if atoms_p is None else atoms_p[1],
+                             tumor_labels=labels_a)
     mm = geom_a.domain_unit_mm
     summ = res.summary()
     entry.update({

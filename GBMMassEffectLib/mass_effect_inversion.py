@@ -62,6 +62,22 @@ lattice points and off the data's centre: measured at 32³ (TC(b)–(d), S.1's c
 true atlas), the data's centre of mass lies 1.5–2.5 voxels from the true seed and S.1's
 support misses the seed's side (TC(d): every atom at z = 14 for the seed's 12.8). Three
 more forward solves per gradient (12 for five atoms).
+
+Tumour term on label data (option tumor_misfit, a deviation; calibrate's default on labels
+and masks, calibrate.S3_TUMOR_MISFIT): "indicator" is §5's ½h³‖O(c(1) − d)‖² with d the
+smoothed core indicator. It asks for c = 1 over the whole core, where a tumour labelled
+at c > 0.4 has c between 0.4 and 1, so with the true c0 and the true atlas it already
+biases the fit: 32³, labels drawn at 0.4 / 0.02, TC(d) γ 1.046 (12.8% under), κ 0.0069 for
+0.025, max|u| 7.3% under; at 16³ (test_recovery_label_band_true_ic_16) γ 30% over. "band"
+reads each label boundary as an iso-contour of c(1) (observation.label_band: c ≥ θ_core
+on the core, θ_edema ≤ c ≤ θ_core on edema, c ≤ θ_edema outside; θ = core_threshold,
+edema_threshold, default 0.4 and 0.02, the levels `simulate` labels at), misfit
+½h³‖(c − U)₊ − (L − c)₊‖², zero when the predicted labels are the observed ones; the
+reported relative tumour error stays §5's. Same case: γ, max|u| within 0.2%. Its price is
+the thresholds: labels drawn at other levels shift γ (32³ TC(c)/(d), true IC, drawn at
+0.6 / 0.05: γ 27% / 25% over, max|u| 6.8% / 5.3%; at 0.25 / 0.01: 10% / 12% under, 1.1% /
+2.7%; the indicator at 0.6 / 0.05: 8.8% over / 9.2% under, 1.8% / 14%). Inverted-IC rows:
+README "Accuracy".
 """
 from __future__ import annotations
 
@@ -78,7 +94,7 @@ from scipy.optimize import Bounds, least_squares, minimize
 
 from .backend import to_numpy
 from .forward import ForwardParams, run_forward
-from .observation import Misfit
+from .observation import CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, Misfit, label_band
 from .progress import Cancelled, check_cancel
 from .spectral import SpectralOps
 
@@ -87,6 +103,8 @@ SCALE = np.array([10.0, 1.0, 100.0])
 NAMES = ("gamma", "rho", "kappa")
 #: S.3's optimisers: bound-constrained L-BFGS (§6) or Gauss-Newton in a trust region
 OPTIMIZERS = ("lbfgsb", "gauss-newton")
+#: S.3 tumour misfits (option tumor_misfit; module docstring)
+TUMOR_MISFITS = ("indicator", "band")
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,9 @@ class MassEffectOptions:
     c0_weight_max: float = 1.0  # upper bound of the refitted atom weights (module docstring)
     optimizer: str = "lbfgsb"  # "lbfgsb" (§6) or "gauss-newton" (module docstring)
     c0_shift: float = 0.0  # > 0: also optimise a translation δ of c0, |δ_i| ≤ this (voxels of n)
+    tumor_misfit: str = "indicator"  # "indicator" (§5's ‖O(c − d)‖²) or "band" (labels as iso-contours)
+    core_threshold: float = CORE_THRESHOLD  # the label band's c(1) at the core's boundary
+    edema_threshold: float = EDEMA_THRESHOLD  # … and at the whole tumour's (core + edema)
 
     def __post_init__(self):
         k = self.c0_pullback
@@ -133,6 +154,12 @@ class MassEffectOptions:
             raise ValueError(f"c0_shift must be a non-negative number of voxels, got {self.c0_shift!r}")
         if self.c0_shift and self.c0_pullback:
             raise ValueError("c0_shift and c0_pullback both move S.1's c0: choose one (set c0_pullback to 0)")
+        if self.tumor_misfit not in TUMOR_MISFITS:
+            raise ValueError(f"S.3 tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {self.tumor_misfit!r}")
+        th = (self.edema_threshold, self.core_threshold)
+        if not (all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th) and 0 < th[0] < th[1] < 1):
+            raise ValueError("S.3 thresholds must satisfy 0 < edema_threshold < core_threshold < 1, "
+                             f"got {th[0]!r}, {th[1]!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"S.3 optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -227,11 +254,19 @@ class MassEffectObjective:
     with options.c0_shift > 0, the translation δ of c0 (voxels) after those."""
 
     def __init__(self, ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient,
-                 options: MassEffectOptions, cancel=None, atoms=None):
+                 options: MassEffectOptions, cancel=None, atoms=None, labels=None):
         self.ops, self.tissues, self.c0, self.atoms = ops, atlas_tissues, c0, atoms
         self.n_weights = 0 if atoms is None else int(atoms.shape[0])
         self.shift = options.c0_shift > 0
-        self.misfit = Misfit(ops, d, O)
+        # §5's misfit: the reported relative tumour error (and J's tumour term unless "band")
+        self.indicator = Misfit(ops, d, O)
+        if options.tumor_misfit == "band":
+            if labels is None:
+                raise ValueError("S.3 tumor_misfit 'band' needs the tumour labels (core, edema)")
+            self.misfit = BandMisfit(ops, *label_band(ops, labels[0], labels[1], options.core_threshold,
+                                                      options.edema_threshold))
+        else:
+            self.misfit = self.indicator
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         self.options, self.cancel = options, cancel
         self.n_forward = 0
@@ -466,10 +501,12 @@ def _relative_change(xp, a, b) -> float:
 def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                        initial: dict | None = None, options: MassEffectOptions | None = None,
                        progress=None, cancel=None, atlas: str | int | None = None,
-                       c0_atoms=None, c0_weights=None) -> MassEffectResult:
+                       c0_atoms=None, c0_weights=None, tumor_labels=None) -> MassEffectResult:
     """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units).
     c0_atoms ((s, n, n, n)) and c0_weights (s): S.1's support atoms in this frame and their
     weights, needed by options.c0_refit (c0 is then Σ q_i φ_i / max, q from c0_weights).
+    tumor_labels (core, edema or None): the label fractions in this frame, needed by
+    options.tumor_misfit "band" (d and O still give the reported relative tumour error).
 
     With options.coarse_grids, S.3 runs coarse-to-fine: on each coarse grid (the atlas
     tissues, c0, d, O and vt_patient block-averaged; c0 rescaled to max 1; no Hessian), each
@@ -504,6 +541,9 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.max() > 0):
             raise ValueError("c0_weights must be finite, non-negative and not all zero")
         init["c0_weights"] = np.minimum(w / w.max(), options.c0_weight_max)
+    if options.tumor_misfit == "band" and tumor_labels is None:
+        raise ValueError("S.3 tumor_misfit 'band' needs the tumour labels (tumor_labels=(core, edema))")
+    labels = None if options.tumor_misfit != "band" else tuple(tumor_labels)
     g0_ref = None
     coarse_runs: list[dict] = []
     rounds: list[dict] = []
@@ -515,7 +555,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         fine = m == ops.n
         if fine:
             lops, T, c0_l, d_l, O_l, vt_l = ops, atlas_tissues, c0, d, O, vt_patient
-            atoms_l = atoms
+            atoms_l, labels_l = atoms, labels
             lopt = dataclasses.replace(options, hessian=False) if options.c0_pullback > 0 else options
         else:
             lops = SpectralOps(m, ops.backend)
@@ -526,6 +566,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             c0_l, d_l, vt_l = as_dev(c0, normalise_max=True), as_dev(d), as_dev(vt_patient)
             O_l = None if O is None else xp.asarray(restrict(O, m) > 0.5, dtype=lops.dtype)
             atoms_l = None if atoms is None else restrict(atoms, m)
+            labels_l = None if labels is None else tuple(None if a is None else restrict(a, m) for a in labels)
             # the translation bound is physical: options.c0_shift voxels of n
             lopt = dataclasses.replace(options, hessian=False, c0_shift=options.c0_shift * m / ops.n,
                                        gtol_rel=max(options.gtol_rel, COARSE_GTOL_REL))
@@ -536,7 +577,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         sub = _level_progress(progress, m, k, len(levels))
         for rnd in range(n_rounds + 1):
             r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
-                                  _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref, atoms_l)
+                                  _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref, atoms_l,
+                                  labels_l)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
             if r.c0_weights is not None:
@@ -569,7 +611,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         hops, hT, hc0, hd, hO, hvt = _in_precision(ops, options.precision, atlas_tissues, out.c0, d, O,
                                                     vt_patient)
         out.hessian_condition = hessian_condition(
-            MassEffectObjective(hops, hT, hc0, hd, hO, hvt, options, cancel), out.x, options.workers)
+            MassEffectObjective(hops, hT, hc0, hd, hO, hvt, options, cancel, labels=labels), out.x,
+            options.workers)
     out.history = history
     out.coarse = coarse_runs
     out.c0_rounds = rounds
@@ -653,7 +696,7 @@ def _level_progress(progress, grid: int, k: int, count: int):
 
 def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, init: dict,
                       options: MassEffectOptions, progress, cancel, atlas, g0_ref,
-                      atoms=None) -> MassEffectResult:
+                      atoms=None, labels=None) -> MassEffectResult:
     """S.3 on one grid from init; g0_ref: the reference gradient norm of the stopping rule
     (None: the gradient at the start); atoms: c0_refit's atoms (init["c0_weights"] their
     starting weights)."""
@@ -670,7 +713,7 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     if shift:  # δ in voxels of this grid (init carries it in domain units)
         x0 = np.r_[x0, np.asarray(init.get("c0_shift_domain", np.zeros(3)), dtype=float) / ops.h]
     x0 = np.clip(x0, bounds.lb, bounds.ub)
-    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms)
+    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms, labels)
     state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
     history: list[dict] = []
 
@@ -786,7 +829,7 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     out = MassEffectResult(
         x=x, kappa=p["kappa"], rho=p["rho"], gamma=p["gamma"], fun=J_opt,
         misfit_tumor=parts["tumor"], misfit_vt=parts["vt"],
-        relative_tumor_error=obj.misfit.relative_error(fwd.c), max_u=float(umag.max()),
+        relative_tumor_error=obj.indicator.relative_error(fwd.c), max_u=float(umag.max()),
         nit=int(state["nit"]), nfev=int(res_nfev), n_forward=obj.n_forward, status=status,
         message=message, success=converged, gradient_norm=gn,
         gradient_norm_initial=float(g0_ref if g0_ref is not None else (state["g0"] or 0.0)),

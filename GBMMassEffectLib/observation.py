@@ -4,6 +4,10 @@
 - O = 1 on tumor core, 0 on edema (unknown concentration there), 1 elsewhere; O is
   diagonal 0/1, so Oᵀ = O = O².
 - misfit ½h³‖Oc(1) − Od‖², regularisation β/2·h³‖Φp‖² (β = 1e-4 default).
+- label band (a deviation, S.3's default on label data; mass_effect_inversion's docstring):
+  each label boundary read as an iso-contour of c(1) at the thresholds `simulate` draws
+  its labels at (presets.BRATS_THRESHOLDS), i.e. bounds L ≤ c(1) ≤ U per voxel and the
+  misfit ½h³‖(c − U)₊ − (L − c)₊‖², zero when the predicted labels are the observed ones.
 """
 from __future__ import annotations
 
@@ -67,6 +71,58 @@ class Misfit:
         den = float(xp.sqrt(xp.sum(Od * Od, dtype=np.float64)))
         r = self.residual(c1)
         return float(xp.sqrt(xp.sum(r * r, dtype=np.float64))) / max(den, 1e-300)
+
+
+#: thresholds of the label band: the core (enhancing + necrotic) is c(1) > CORE_THRESHOLD,
+#: the whole tumour (core + edema) c(1) > EDEMA_THRESHOLD (presets.BRATS_THRESHOLDS'
+#: enhancing and edema values, the ones `simulate` labels its patients with)
+CORE_THRESHOLD = 0.4
+EDEMA_THRESHOLD = 0.02
+
+
+def label_band(ops: SpectralOps, core, edema=None, core_threshold: float = CORE_THRESHOLD,
+               edema_threshold: float = EDEMA_THRESHOLD):
+    """Bounds (L, U) on c(1) that the labels imply when each label boundary is an iso-contour
+    of c(1): core (fraction > 0.5) c ≥ θ_core (no upper bound); edema θ_edema ≤ c ≤ θ_core; elsewhere
+    c ≤ θ_edema, or c ≤ θ_core when no edema was segmented (a core mask alone says nothing
+    of the infiltration around it)."""
+    if not 0 < edema_threshold < core_threshold < 1:
+        raise ValueError("label thresholds must satisfy 0 < edema_threshold < core_threshold < 1, "
+                         f"got {edema_threshold!r}, {core_threshold!r}")
+    xp = ops.xp
+    core = _check(ops, core, "tumor core") > 0.5
+    outside_upper = core_threshold if edema is None else edema_threshold
+    if edema is None:
+        edema = xp.zeros(core.shape, dtype=bool)
+    else:
+        edema = (_check(ops, edema, "edema") > 0.5) & ~core
+    lower = xp.where(core, core_threshold, xp.where(edema, edema_threshold, 0.0)).astype(ops.dtype)
+    upper = xp.where(core, xp.inf, xp.where(edema, core_threshold, outside_upper)).astype(ops.dtype)
+    return lower, upper
+
+
+class BandMisfit:
+    """J_d(c1) = ½h³‖(c1 − U)₊ − (L − c1)₊‖² for label bounds L ≤ U (label_band); C¹ in c1,
+    gradient h³·r with r the residual."""
+
+    def __init__(self, ops: SpectralOps, lower, upper):
+        self.ops = ops
+        self.lower = _check(ops, lower, "label lower bound").astype(ops.dtype)
+        self.upper = _check(ops, upper, "label upper bound").astype(ops.dtype)
+        if bool(ops.xp.any(self.lower > self.upper)):
+            raise ValueError("label band: a lower bound exceeds its upper bound")
+        self.h3 = ops.h**3
+
+    def residual(self, c1):
+        xp = self.ops.xp
+        return xp.maximum(c1 - self.upper, 0) - xp.maximum(self.lower - c1, 0)
+
+    def value(self, c1) -> float:
+        r = self.residual(c1)
+        return 0.5 * self.h3 * float(self.ops.xp.sum(r * r, dtype=np.float64))
+
+    def gradient(self, c1):
+        return self.ops.dtype.type(self.h3) * self.residual(c1)
 
 
 def regularisation(ops: SpectralOps, c0, beta: float = BETA_DEFAULT) -> float:

@@ -241,6 +241,21 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"c0_shift": -1})
     with pytest.raises(InputError, match="choose one"):
         o3({"c0_refit": True, "c0_pullback": 1})
+    # S.3's tumour term: the label band on labels or masks (thresholds those of simulate's
+    # labels), §5's indicator on request; a concentration is always compared as is
+    assert (job.s3_options().tumor_misfit, job.s3_options().core_threshold,
+            job.s3_options().edema_threshold) == ("band", 0.4, 0.02)
+    assert o3({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
+    assert o3({"core_threshold": 0.5, "edema_threshold": 0.1}).core_threshold == 0.5
+    with pytest.raises(InputError, match="tumor_misfit must be one of"):
+        o3({"tumor_misfit": "dice"})
+    with pytest.raises(InputError, match="0 < edema_threshold < core_threshold < 1"):
+        o3({"core_threshold": 0.01})
+    conc = lambda s3: CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o",  # noqa: E731
+                                              "options": {"s3": s3}}).s3_options()
+    assert conc({}).tumor_misfit == "indicator" and conc({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
+    with pytest.raises(InputError, match="tumor_misfit 'band' needs a tumor label map or masks"):
+        conc({"tumor_misfit": "band"})
     # S.2: affine only for the data S.3 sees, demons to derive tissue from a T1
     reg = job.registration_options()
     assert (reg["deformable"], reg["t1_deformable"]) == ("none", "demons")

@@ -18,7 +18,10 @@ Synthetic patient (one per test case, MODEL §7 TC(a)–(d)):
     vt_patient = vt(1), tumour data d = c(1), the concentration itself, O = 1 everywhere
     (the paper's Table 1 uses the tumour concentration as data). --data labels instead
     uses the §5 data: d = core indicator (c(1) > 0.4, presets.BRATS_THRESHOLDS) smoothed one
-    voxel, O = 0 on edema (0.02 < c(1) ≤ 0.4).
+    voxel, O = 0 on edema (0.02 < c(1) ≤ 0.4); --label-thresholds CORE EDEMA draws the labels
+    at other levels than the ones S.3's label band assumes (a patient from another solver).
+    S.3's tumour term on label data: --tumor-misfit band (calibrate's default: the labels as
+    iso-contours of c(1), observation.label_band) or indicator (§5's ‖O(c(1) − d)‖²).
 
 Experiments (one markdown row each per case / atlas):
   true-ic        S.3 on the true atlas with the true c0 (paper: all errors < 2%).
@@ -68,12 +71,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import (S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER,  # noqa: E402
+from GBMMassEffectLib.calibrate import (S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER, S3_TUMOR_MISFIT,  # noqa: E402
                                         s3_c0_shift_voxels)
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
-from GBMMassEffectLib.mass_effect_inversion import OPTIMIZERS, MassEffectOptions, invert_mass_effect  # noqa: E402
+from GBMMassEffectLib.mass_effect_inversion import (OPTIMIZERS, TUMOR_MISFITS, MassEffectOptions,  # noqa: E402
+                                                    invert_mass_effect)
 from GBMMassEffectLib.observation import observation_operator, tumor_data  # noqa: E402
 from GBMMassEffectLib.simulate import box_tissues, initial_condition, seed_point  # noqa: E402
 from GBMMassEffectLib.spectral import SpectralOps  # noqa: E402
@@ -141,7 +145,7 @@ class Patient:
     """Forward solve from the atlas with the true parameters (module docstring)."""
 
     def __init__(self, case: str, anatomy: Anatomy, ops: SpectralOps, data_kind: str,
-                 sigma_mm: float = SIGMA_MM):
+                 sigma_mm: float = SIGMA_MM, label_thresholds: tuple[float, float] = (CORE, EDEMA)):
         p = CASES[case]
         self.case, self.truth, self.ops, self.anatomy = case, p, ops, anatomy
         self.sigma_mm = sigma_mm
@@ -159,14 +163,17 @@ class Patient:
         self.umag = res.displacement_norm()
         self.max_u = float(ops.xp.max(self.umag))
         c1 = to_numpy(res.c)
+        self.labels = None  # (core, edema) indicators with label data
         if data_kind == "concentration":
             self.d, self.O = res.c, None
         else:
-            core = (c1 > CORE).astype(np.float32)
-            edema = ((c1 > EDEMA) & (c1 <= CORE)).astype(np.float32)
+            t_core, t_edema = label_thresholds
+            core = (c1 > t_core).astype(np.float32)
+            edema = ((c1 > t_edema) & (c1 <= t_core)).astype(np.float32)
             self.d = tumor_data(ops, core)
             self.O = observation_operator(ops, core, edema)
-        self.tumor = c1 > EDEMA
+            self.labels = (core, edema)
+        self.tumor = c1 > (EDEMA if data_kind == "concentration" else label_thresholds[1])
         self.c1_max = float(c1.max())
         self.tumor_voxels = int(self.tumor.sum())
         self.s1 = None  # (c0, summary) once S.1 has run
@@ -238,7 +245,8 @@ def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
                     deformable: str = "none", sigma_field: float = 1.5, tumor_mask=None, atoms=None):
     """Register the patient's box images to target's box (tumor_mask: the masked region,
     default the patient's tumour); returns the warped (c0, d, O, vt) as backend arrays on
-    target's box and a summary (with "atoms": the warped atoms, when atoms are given)."""
+    target's box and a summary (with "atoms": the warped atoms, when atoms are given, and
+    "labels": the warped (core, edema) fractions with label data)."""
     import SimpleITK as sitk
 
     from GBMMassEffectLib.registration import register_patient_to_atlas, warp_to_atlas
@@ -271,6 +279,8 @@ def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
             "registration_method": reg.method, "registration_sigma_field": sigma_field}
     if atoms is not None:
         info["atoms"] = np.stack([to_numpy(warp(a)) for a in atoms])
+    if patient.labels is not None:
+        info["labels"] = tuple(warp(a) for a in patient.labels)
     log(f"S.2 {patient.anatomy.name} → {target.name}: score {reg.score:.3f} ({sec:.0f} s)")
     return c0w, d, O, vt_p, info
 
@@ -286,6 +296,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     t0 = time.perf_counter()
     refit = args.c0_refit and exp != "true-ic"
     atoms = weights = None
+    labels = patient.labels
     if exp == "true-ic":
         c0, d, O, vt_p = patient.c0, patient.d, patient.O, patient.vt
     else:
@@ -299,12 +310,14 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
             c0, d, O, vt_p, reg = warp_patient_to(patient, target, ops, c0, args.registration,
                                                   args.sigma_field, atoms=atoms)
             atoms = reg.pop("atoms", None)
+            labels = reg.pop("labels", None)
             extra.update(reg)
     start = dict(zip(("gamma", "rho", "kappa"), args.start))
     opts = MassEffectOptions(workers=args.workers, maxiter=args.max_iter, hessian=args.hessian,
                              coarse_grids=tuple(args.coarse_grids),
                              c0_pullback=0 if exp == "true-ic" or refit else args.c0_pullback, c0_refit=refit,
-                             optimizer=args.optimizer, c0_shift=0.0 if exp == "true-ic" else args.c0_shift)
+                             optimizer=args.optimizer, c0_shift=0.0 if exp == "true-ic" else args.c0_shift,
+                             tumor_misfit=args.tumor_misfit if labels is not None else "indicator")
 
     def progress(ev):
         if args.verbose:
@@ -313,7 +326,8 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
 
     r = invert_mass_effect(ops, target.tissues, c0, d, O, vt_p,
                            initial=start, options=opts, progress=progress, atlas=target.name,
-                           c0_atoms=atoms, c0_weights=weights)
+                           c0_atoms=atoms, c0_weights=weights,
+                           tumor_labels=labels if opts.tumor_misfit == "band" else None)
     truth = {"gamma": p.gamma, "rho": p.rho, "kappa": p.kappa}
     row = {"experiment": exp, "case": p.name, "atlas": target.name, "grid": ops.n,
            "truth": truth, "start": start,
@@ -334,6 +348,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
            "c0_error": float(ops.norm(ops.xp.asarray(r.c0, dtype=ops.dtype) - patient.c0) / ops.norm(patient.c0))
            if target is patient.anatomy else None,
            "history": r.history, "workers": args.workers, "max_iter": args.max_iter, "data": args.data,
+           "tumor_misfit": opts.tumor_misfit, "label_thresholds": list(args.label_thresholds),
            **patient.info(), **extra}
     if target is patient.anatomy:
         um = r.forward.displacement_norm()
@@ -364,7 +379,10 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
     lines = [f"# Parameter recovery on synthetic patients, {n}³", "",
              "Generated by `benchmarks/recovery.py` (see its docstring for the set-up). "
              f"Patient anatomy: {doc['patient_source']}; box 256 mm ({256 / n:g} mm voxels); "
-             f"true c0 one Gaussian of σ = {doc.get('c0_sigma_mm', SIGMA_MM):g} mm; data: {doc['data']}; "
+             f"true c0 one Gaussian of σ = {doc.get('c0_sigma_mm', SIGMA_MM):g} mm; data: {doc['data']}"
+             + (f" drawn at c(1) > {'/'.join(f'{t:g}' for t in rows[0].get('label_thresholds', (CORE, EDEMA)))} "
+                f"(core/edema), S.3 tumour term: {'/'.join(sorted({r.get('tumor_misfit', 'indicator') for r in rows}))}"
+                if doc["data"] == "labels" and rows else "") + "; "
              f"S.3 start γ, ρ, κ = {', '.join(f'{v:g}' for v in doc['start'])}; "
              f"max {doc['max_iter']} iterations, relative gradient 1e-3; S.3 optimiser: "
              f"{'/'.join(sorted({r.get('optimizer', 'lbfgsb') for r in rows}))}; "
@@ -482,6 +500,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma-field", type=float, default=1.5,
                     help="S.2 demons field smoothing in voxels (other-atlases)")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
+    ap.add_argument("--tumor-misfit", choices=TUMOR_MISFITS, default=S3_TUMOR_MISFIT,
+                    help="S.3's tumour term on label data: the label band (calibrate's default) or §5's indicator")
+    ap.add_argument("--label-thresholds", nargs=2, type=float, default=[CORE, EDEMA], metavar=("CORE", "EDEMA"),
+                    help="c(1) levels the patient's labels are drawn at (default the label band's, "
+                         "presets.BRATS_THRESHOLDS)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
@@ -528,7 +551,8 @@ def main(argv=None) -> int:
                     log(f"skip {k} (in {js.name})")
                     continue
                 if case not in patients:
-                    patients[case] = pt = Patient(case, anatomy, ops, args.data, args.c0_sigma_mm)
+                    patients[case] = pt = Patient(case, anatomy, ops, args.data, args.c0_sigma_mm,
+                                                  tuple(args.label_thresholds))
                     log(f"patient TC({case}) {ops.n}³: max|u*| {pt.max_u:.4f} "
                         f"({pt.max_u * 256 / (2 * math.pi):.2f} voxels at 256³), "
                         f"max c(1) {pt.c1_max:.3f}, forward {pt.forward_seconds:.1f} s")
