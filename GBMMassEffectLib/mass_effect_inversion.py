@@ -76,8 +76,10 @@ edema_threshold, default 0.4 and 0.02, the levels `simulate` labels at), misfit
 reported relative tumour error stays §5's. Same case: γ, max|u| within 0.2%. Its price is
 the thresholds: labels drawn at other levels shift γ (32³ TC(c)/(d), true IC, drawn at
 0.6 / 0.05: γ 27% / 25% over, max|u| 6.8% / 5.3%; at 0.25 / 0.01: 10% / 12% under, 1.1% /
-2.7%; the indicator at 0.6 / 0.05: 8.8% over / 9.2% under, 1.8% / 14%). Inverted-IC rows:
-README "Accuracy".
+2.7%; the indicator at 0.6 / 0.05: 8.8% over / 9.2% under, 1.8% / 14%). With S.1's c0
+(32³, inverted IC, TC(b)/(c)/(d); benchmarks/results/label_band): γ 0.4% / 19.6% over /
+17.9% over, max|u| 5.3 / 7.7 / 1.3% (indicator: 3.3% / 13.8% under / 21% under, max|u| 3.3
+/ 10.7 / 17%): max|u| better, γ as far off with the sign flipped (README "Accuracy").
 """
 from __future__ import annotations
 
