@@ -4,7 +4,7 @@
 - O = 1 on tumor core, 0 on edema (unknown concentration there), 1 elsewhere; O is
   diagonal 0/1, so Oᵀ = O = O².
 - misfit ½h³‖Oc(1) − Od‖², regularisation β/2·h³‖Φp‖² (β = 1e-4 default).
-- label band (a deviation, S.3's default on label data; mass_effect_inversion's docstring):
+- label band (a deviation, an S.3 option on label data; mass_effect_inversion's docstring):
   each label boundary read as an iso-contour of c(1) at the thresholds `simulate` draws
   its labels at (presets.BRATS_THRESHOLDS), i.e. bounds L ≤ c(1) ≤ U per voxel and the
   misfit ½h³‖(c − U)₊ − (L − c)₊‖², zero when the predicted labels are the observed ones.

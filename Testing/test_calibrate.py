@@ -241,11 +241,11 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"c0_shift": -1})
     with pytest.raises(InputError, match="choose one"):
         o3({"c0_refit": True, "c0_pullback": 1})
-    # S.3's tumour term: the label band on labels or masks (thresholds those of simulate's
-    # labels), §5's indicator on request; a concentration is always compared as is
+    # S.3's tumour term: §5's indicator by default, the label band on request on labels or
+    # masks (thresholds those of simulate's labels); a concentration is always compared as is
     assert (job.s3_options().tumor_misfit, job.s3_options().core_threshold,
-            job.s3_options().edema_threshold) == ("band", 0.4, 0.02)
-    assert o3({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
+            job.s3_options().edema_threshold) == ("indicator", 0.4, 0.02)
+    assert o3({"tumor_misfit": "band"}).tumor_misfit == "band"
     assert o3({"core_threshold": 0.5, "edema_threshold": 0.1}).core_threshold == 0.5
     with pytest.raises(InputError, match="tumor_misfit must be one of"):
         o3({"tumor_misfit": "dice"})

@@ -20,8 +20,8 @@ Synthetic patient (one per test case, MODEL §7 TC(a)–(d)):
     uses the §5 data: d = core indicator (c(1) > 0.4, presets.BRATS_THRESHOLDS) smoothed one
     voxel, O = 0 on edema (0.02 < c(1) ≤ 0.4); --label-thresholds CORE EDEMA draws the labels
     at other levels than the ones S.3's label band assumes (a patient from another solver).
-    S.3's tumour term on label data: --tumor-misfit band (calibrate's default: the labels as
-    iso-contours of c(1), observation.label_band) or indicator (§5's ‖O(c(1) − d)‖²).
+    S.3's tumour term on label data: --tumor-misfit indicator (§5's ‖O(c(1) − d)‖², calibrate's
+    default) or band (the labels as iso-contours of c(1), observation.label_band).
 
 Experiments (one markdown row each per case / atlas):
   true-ic        S.3 on the true atlas with the true c0 (paper: all errors < 2%).
@@ -501,7 +501,7 @@ def main(argv=None) -> int:
                     help="S.2 demons field smoothing in voxels (other-atlases)")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
     ap.add_argument("--tumor-misfit", choices=TUMOR_MISFITS, default=S3_TUMOR_MISFIT,
-                    help="S.3's tumour term on label data: the label band (calibrate's default) or §5's indicator")
+                    help="S.3's tumour term on label data (default calibrate's: §5's indicator; band: the label band)")
     ap.add_argument("--label-thresholds", nargs=2, type=float, default=[CORE, EDEMA], metavar=("CORE", "EDEMA"),
                     help="c(1) levels the patient's labels are drawn at (default the label band's, "
                          "presets.BRATS_THRESHOLDS)")
