@@ -103,7 +103,7 @@ S3_C0_SHIFT_MM = 0.0
 #: `simulate` labels at (s3.core_threshold 0.4, s3.edema_threshold 0.02). The band wins
 #: with the true c0 and on max|u| in the unregistered 32³ rows, but on the demo patient
 #: (simulate's 1 mm labels, affine S.2, the 32³ box) it gave mean γ 0.269 and max|u| 5.8 mm
-#: for 0.4 and 10.0 mm, where the indicator gives 0.397 and 9.4 mm: not the default
+#: for 0.4 and 10.0 mm, where the indicator gives 0.374 and 8.9 mm: not the default
 #: (mass_effect_inversion's docstring and README "Accuracy" have the measurements).
 S3_TUMOR_MISFIT = "indicator"
 

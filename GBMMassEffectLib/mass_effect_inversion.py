@@ -81,7 +81,7 @@ the thresholds: labels drawn at other levels shift γ (32³ TC(c)/(d), true IC, 
 17.9% over, max|u| 5.3 / 7.7 / 1.3% (indicator: 3.3% / 13.8% under / 21% under, max|u| 3.3
 / 10.7 / 17%): max|u| better, γ as far off with the sign flipped. On the demo patient
 (simulate's 1 mm labels, affine S.2, 32³) the band gave mean γ 0.269 (33% under), max|u|
-5.8 mm for 10.0, the indicator 0.397 and 9.4 mm: hence not calibrate's default (README
+5.8 mm for 10.0, the indicator 0.374 and 8.9 mm: hence not calibrate's default (README
 "Accuracy").
 """
 from __future__ import annotations
