@@ -64,8 +64,8 @@ support misses the seed's side (TC(d): every atom at z = 14 for the seed's 12.8)
 more forward solves per gradient (12 for five atoms).
 
 Tumour term on label data (option tumor_misfit; calibrate.S3_TUMOR_MISFIT keeps §5's
-"indicator" as the default, the "band" is a deviation offered as an option): "indicator" is §5's ½h³‖O(c(1) − d)‖² with d the
-smoothed core indicator. It asks for c = 1 over the whole core, where a tumour labelled
+"indicator" as the default; "band" is a deviation offered as an option): "indicator" is
+§5's ½h³‖O(c(1) − d)‖² with d the smoothed core indicator. It asks for c = 1 over the whole core, where a tumour labelled
 at c > 0.4 has c between 0.4 and 1, so with the true c0 and the true atlas it already
 biases the fit: 32³, labels drawn at 0.4 / 0.02, TC(d) γ 1.046 (12.8% under), κ 0.0069 for
 0.025, max|u| 7.3% under; at 16³ (test_recovery_label_band_true_ic_16) γ 30% over. "band"
