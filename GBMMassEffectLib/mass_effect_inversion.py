@@ -99,7 +99,8 @@ from scipy.optimize import Bounds, least_squares, minimize
 
 from .backend import to_numpy
 from .forward import ForwardParams, run_forward
-from .observation import CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, Misfit, label_band
+from .observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, Misfit, check_label_thresholds,
+                          label_band)
 from .progress import Cancelled, check_cancel
 from .spectral import SpectralOps
 
@@ -161,10 +162,7 @@ class MassEffectOptions:
             raise ValueError("c0_shift and c0_pullback both move S.1's c0: choose one (set c0_pullback to 0)")
         if self.tumor_misfit not in TUMOR_MISFITS:
             raise ValueError(f"S.3 tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {self.tumor_misfit!r}")
-        th = (self.edema_threshold, self.core_threshold)
-        if not (all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th) and 0 < th[0] < th[1] < 1):
-            raise ValueError("S.3 thresholds must satisfy 0 < edema_threshold < core_threshold < 1, "
-                             f"got {th[0]!r}, {th[1]!r}")
+        check_label_thresholds(self.core_threshold, self.edema_threshold)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"S.3 optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -546,9 +544,8 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.max() > 0):
             raise ValueError("c0_weights must be finite, non-negative and not all zero")
         init["c0_weights"] = np.minimum(w / w.max(), options.c0_weight_max)
-    if options.tumor_misfit == "band" and tumor_labels is None:
-        raise ValueError("S.3 tumor_misfit 'band' needs the tumour labels (tumor_labels=(core, edema))")
-    labels = None if options.tumor_misfit != "band" else tuple(tumor_labels)
+    # without labels the band's objective raises on the first level (MassEffectObjective)
+    labels = tuple(tumor_labels) if options.tumor_misfit == "band" and tumor_labels is not None else None
     g0_ref = None
     coarse_runs: list[dict] = []
     rounds: list[dict] = []

@@ -80,15 +80,21 @@ CORE_THRESHOLD = 0.4
 EDEMA_THRESHOLD = 0.02
 
 
+def check_label_thresholds(core_threshold, edema_threshold) -> None:
+    """ValueError unless both are numbers with 0 < edema_threshold < core_threshold < 1."""
+    th = (edema_threshold, core_threshold)
+    if not (all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th) and 0 < th[0] < th[1] < 1):
+        raise ValueError("label thresholds must satisfy 0 < edema_threshold < core_threshold < 1, "
+                         f"got {edema_threshold!r}, {core_threshold!r}")
+
+
 def label_band(ops: SpectralOps, core, edema=None, core_threshold: float = CORE_THRESHOLD,
                edema_threshold: float = EDEMA_THRESHOLD):
     """Bounds (L, U) on c(1) that the labels imply when each label boundary is an iso-contour
     of c(1): core (fraction > 0.5) c ≥ θ_core (no upper bound); edema θ_edema ≤ c ≤ θ_core;
     elsewhere c ≤ θ_edema, or c ≤ θ_core when no edema was segmented (a core mask alone
     says nothing of the infiltration around it)."""
-    if not 0 < edema_threshold < core_threshold < 1:
-        raise ValueError("label thresholds must satisfy 0 < edema_threshold < core_threshold < 1, "
-                         f"got {edema_threshold!r}, {core_threshold!r}")
+    check_label_thresholds(core_threshold, edema_threshold)
     xp = ops.xp
     core = _check(ops, core, "tumor core") > 0.5
     outside_upper = core_threshold if edema is None else edema_threshold

@@ -235,14 +235,19 @@ def test_recovery_true_ic_true_atlas_32(glia_testdata):
 
 
 # ---- the label band (tumor_misfit "band") --------------------------------------------------
+def _labels_of(c):
+    """(core, edema) indicators drawn from c at the band's thresholds, as simulate draws them."""
+    core = (c > CORE_THRESHOLD).astype(np.float32)
+    return core, ((c > EDEMA_THRESHOLD) & (c <= CORE_THRESHOLD)).astype(np.float32)
+
+
 def test_label_band_bounds_residual_and_gradient():
     """label_band's bounds hold exactly for labels drawn from c at its thresholds; the band
     residual is zero there, signed outside, and BandMisfit's gradient is the FD one."""
     ops = SpectralOps(16, get_backend("cpu", "float64"))
     x = np.stack(np.meshgrid(*[np.arange(16) * ops.h] * 3, indexing="ij"))
     c = np.exp(-((x - math.pi) ** 2).sum(axis=0) / 0.8)
-    core = (c > CORE_THRESHOLD).astype(np.float32)
-    edema = ((c > EDEMA_THRESHOLD) & (c <= CORE_THRESHOLD)).astype(np.float32)
+    core, edema = _labels_of(c)
     assert core.sum() > 10 and edema.sum() > 10
     L, U = label_band(ops, core, edema)
     assert np.all(L <= c) and np.all(c <= U)
@@ -286,9 +291,7 @@ def test_recovery_label_band_true_ic_16(glia_testdata):
     labels: measured 0.011 for 0.025); §5's indicator, which pulls the core to c = 1, gives
     γ 1.04 here (30% over)."""
     ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
-    c1 = np.asarray(res.c)
-    core = (c1 > CORE_THRESHOLD).astype(np.float32)
-    edema = ((c1 > EDEMA_THRESHOLD) & (c1 <= CORE_THRESHOLD)).astype(np.float32)
+    core, edema = _labels_of(np.asarray(res.c))
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
     r = invert_mass_effect(ops, tissues, c0, tumor_data(ops, core), observation_operator(ops, core, edema),
                            res.tissues.vt, initial=start, tumor_labels=(core, edema),

@@ -326,8 +326,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
 
     r = invert_mass_effect(ops, target.tissues, c0, d, O, vt_p,
                            initial=start, options=opts, progress=progress, atlas=target.name,
-                           c0_atoms=atoms, c0_weights=weights,
-                           tumor_labels=labels if opts.tumor_misfit == "band" else None)
+                           c0_atoms=atoms, c0_weights=weights, tumor_labels=labels)
     truth = {"gamma": p.gamma, "rho": p.rho, "kappa": p.kappa}
     row = {"experiment": exp, "case": p.name, "atlas": target.name, "grid": ops.n,
            "truth": truth, "start": start,
