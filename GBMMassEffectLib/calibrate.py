@@ -106,6 +106,9 @@ S3_C0_SHIFT_MM = 0.0
 #: for 0.4 and 10.0 mm, where the indicator gives 0.374 and 8.9 mm: not the default
 #: (mass_effect_inversion's docstring and README "Accuracy" have the measurements).
 S3_TUMOR_MISFIT = "indicator"
+#: S.1's tumour term on a label map or masks (job option s1.tumor_misfit, as S.3's): §5's
+#: indicator; "band" sizes S.1's c0 to the label band as well
+S1_TUMOR_MISFIT = "indicator"
 
 
 def s3_c0_shift_voxels(grid: int, box_mm: float) -> float:
@@ -260,6 +263,8 @@ class CalibrateJob:
         unknown = set(d) - {f.name for f in dataclasses.fields(SparseICOptions)}
         if unknown:
             raise InputError(f"unknown S.1 option(s): {', '.join(sorted(unknown))}")
+        self._label_misfit_only(d, "S.1")
+        d.setdefault("tumor_misfit", S1_TUMOR_MISFIT)
         try:
             o = SparseICOptions(**d)
             o.check()
@@ -279,16 +284,20 @@ class CalibrateJob:
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
         d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm) if d["c0_refit"] is True else 0.0)
-        if self.tumor_concentration:  # a concentration is compared as is (§5 with O = 1)
-            if d.get("tumor_misfit", "indicator") != "indicator":
-                raise InputError("S.3 option tumor_misfit 'band' needs a tumor label map or masks, "
-                                 "not a tumor concentration")
-            d["tumor_misfit"] = "indicator"
+        self._label_misfit_only(d, "S.3")
         d.setdefault("tumor_misfit", S3_TUMOR_MISFIT)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:
             raise InputError(f"S.3 options: {exc}") from None
+
+    def _label_misfit_only(self, d: dict, stage: str) -> None:
+        """A concentration is compared as is (§5 with O = 1): the band needs labels."""
+        if self.tumor_concentration:
+            if d.get("tumor_misfit", "indicator") != "indicator":
+                raise InputError(f"{stage} option tumor_misfit 'band' needs a tumor label map or masks, "
+                                 "not a tumor concentration")
+            d["tumor_misfit"] = "indicator"
 
     def registration_options(self) -> dict:
         """S.2 settings. deformable: the stage after the affine of the registration that
@@ -628,7 +637,8 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
 
     try:
         s1 = solve_s1(ops, T_p.wm, T_p.gm, T_p.vt, T_p.csf, d_p, O_p, options=s1_opt,
-                      progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel)
+                      progress=P.sub("S.1", *STAGE_SPAN["S.1"]), cancel=cancel,
+                      tumor_labels=None if core_p is None else (core_p, edema_p))
     except ValueError as exc:  # data the S.1 basis cannot represent: an input problem
         raise InputError(f"S.1: {exc} (the tumor is too small for the {job.grid}^3 box of "
                          f"{geom_p.spacing:.3g} mm voxels; use a finer --grid)") from None

@@ -99,8 +99,8 @@ from scipy.optimize import Bounds, least_squares, minimize
 
 from .backend import to_numpy
 from .forward import ForwardParams, run_forward
-from .observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, Misfit, check_label_thresholds,
-                          label_band)
+from .observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, TUMOR_MISFITS, Misfit, check_label_thresholds,
+                          make_tumor_misfit)
 from .progress import Cancelled, check_cancel
 from .spectral import SpectralOps
 
@@ -109,8 +109,6 @@ SCALE = np.array([10.0, 1.0, 100.0])
 NAMES = ("gamma", "rho", "kappa")
 #: S.3's optimisers: bound-constrained L-BFGS (§6) or Gauss-Newton in a trust region
 OPTIMIZERS = ("lbfgsb", "gauss-newton")
-#: S.3 tumour misfits (option tumor_misfit; module docstring)
-TUMOR_MISFITS = ("indicator", "band")
 
 
 @dataclass(frozen=True)
@@ -263,13 +261,8 @@ class MassEffectObjective:
         self.shift = options.c0_shift > 0
         # §5's misfit: the reported relative tumour error (and J's tumour term unless "band")
         self.indicator = Misfit(ops, d, O)
-        if options.tumor_misfit == "band":
-            if labels is None:
-                raise ValueError("S.3 tumor_misfit 'band' needs the tumour labels (core, edema)")
-            self.misfit = BandMisfit(ops, *label_band(ops, labels[0], labels[1], options.core_threshold,
-                                                      options.edema_threshold))
-        else:
-            self.misfit = self.indicator
+        self.misfit = self.indicator if options.tumor_misfit == "indicator" else make_tumor_misfit(
+            ops, options.tumor_misfit, d, O, labels, options.core_threshold, options.edema_threshold)
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         self.options, self.cancel = options, cancel
         self.n_forward = 0

@@ -78,6 +78,8 @@ class Misfit:
 #: enhancing and edema values, the ones `simulate` labels its patients with)
 CORE_THRESHOLD = 0.4
 EDEMA_THRESHOLD = 0.02
+#: the tumour terms S.1 and S.3 offer (option tumor_misfit): §5's, and the label band
+TUMOR_MISFITS = ("indicator", "band")
 
 
 def check_label_thresholds(core_threshold, edema_threshold) -> None:
@@ -129,6 +131,20 @@ class BandMisfit:
 
     def gradient(self, c1):
         return self.ops.dtype.type(self.h3) * self.residual(c1)
+
+
+def make_tumor_misfit(ops: SpectralOps, kind: str, d, O=None, labels=None,
+                 core_threshold: float = CORE_THRESHOLD, edema_threshold: float = EDEMA_THRESHOLD,
+                 stage: str = "S.3"):
+    """The tumour term of S.1 / S.3: §5's Misfit(d, O) for kind "indicator", the label band
+    (BandMisfit of label_band) for "band", which needs labels = (core, edema or None)."""
+    if kind == "indicator":
+        return Misfit(ops, d, O)
+    if kind not in TUMOR_MISFITS:
+        raise ValueError(f"{stage} tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {kind!r}")
+    if labels is None:
+        raise ValueError(f"{stage} tumor_misfit 'band' needs the tumour labels (core, edema)")
+    return BandMisfit(ops, *label_band(ops, labels[0], labels[1], core_threshold, edema_threshold))
 
 
 def regularisation(ops: SpectralOps, c0, beta: float = BETA_DEFAULT) -> float:

@@ -21,6 +21,11 @@ Algorithm (CoSaMP over the adjoint gradient, per connected tumor component):
 L-BFGS-B works on scaled variables (p, κ/0.01, ρ) and the objective divided by
 J_ref = ½h³‖Od‖², so that its default tolerances are meaningful at every grid size.
 
+Tumour term: §5's indicator misfit by default; `tumor_misfit="band"` (a deviation, label
+data only, solve_sparse_ic's tumor_labels) uses S.3's label band (observation.label_band:
+each label boundary an iso-contour of c(1)) instead, J_ref then the band's value at c = 0;
+candidates, components and the reported relative error still come from d and O.
+
 Progress: `progress(dict(stage="S.1", iteration, objective, gradient_norm, support,
 fraction, message))` once per L-BFGS-B iteration; `cancel()` returning True raises
 progress.Cancelled at the next objective evaluation.
@@ -35,7 +40,8 @@ import scipy.optimize
 
 from .backend import to_numpy
 from .basis import GaussianBasis, brain_mask, candidate_centres
-from .observation import BETA_DEFAULT, Misfit
+from .observation import (BETA_DEFAULT, CORE_THRESHOLD, EDEMA_THRESHOLD, TUMOR_MISFITS, Misfit,
+                          check_label_thresholds, make_tumor_misfit)
 from .progress import Cancelled, check_cancel
 from .reaction_diffusion import ReactionDiffusion, coefficient_fraction
 from .spectral import SpectralOps
@@ -78,8 +84,17 @@ class SparseICOptions:
     # solve_s1: None = coarse-to-fine from n/2 at n >= COARSE_TO_FINE_FROM, else one grid;
     # 1 = always one grid; k >= 2 = coarse-to-fine from n/k
     coarse_factor: int | None = None
+    # the tumour term: "indicator" is §5's ½h³‖O(c(1) − d)‖²; "band" (a deviation, on label
+    # data only) the label band of observation.label_band at these thresholds, as S.3's
+    # option of the same name (solve_sparse_ic's tumor_labels carry the core and edema)
+    tumor_misfit: str = "indicator"
+    core_threshold: float = CORE_THRESHOLD
+    edema_threshold: float = EDEMA_THRESHOLD
 
     def check(self):
+        if self.tumor_misfit not in TUMOR_MISFITS:
+            raise ValueError(f"S.1 tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {self.tumor_misfit!r}")
+        check_label_thresholds(self.core_threshold, self.edema_threshold)
         cf = self.coarse_factor
         if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int) or cf < 1):
             raise ValueError(f"coarse_factor must be null (automatic) or an integer >= 1, got {cf!r}")
@@ -252,10 +267,12 @@ def _lbfgsb(fun, x0, bounds, maxiter, run: _Run, support: int, label: str, ftol:
 
 def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICOptions | None = None,
                     progress=None, cancel=None, basis: GaussianBasis | None = None,
-                    mask=None) -> SparseICResult:
+                    mask=None, tumor_labels=None) -> SparseICResult:
     """Run stage S.1 (MODEL.md §6) on tissue fractions (tumor counted as wm) and data d.
 
-    Returns a SparseICResult; raises progress.Cancelled when `cancel()` turns True.
+    tumor_labels (core, edema or None fractions) feed the label band when
+    options.tumor_misfit is "band"; d and O still pick the candidates and give the reported
+    relative error (§5's). Returns a SparseICResult; raises progress.Cancelled when `cancel()` turns True.
     """
     opt = options or SparseICOptions()
     xp, n, h = ops.xp, ops.n, ops.h
@@ -265,7 +282,9 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     m_k = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_k, xp)
     m_r = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_rho, xp)
     model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
-    misfit = Misfit(ops, d, O)
+    indicator = Misfit(ops, d, O)
+    misfit = make_tumor_misfit(ops, opt.tumor_misfit, d, O, tumor_labels, opt.core_threshold,
+                               opt.edema_threshold, stage="S.1")
     if mask is None:
         mask = brain_mask(fields["wm"], fields["gm"], fields["vt"], xp)
     if basis is None:
@@ -420,36 +439,38 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     run.report(J / J_ref, 0.0, len(S), f"S.1 done: κ = {kappa:.4g}, ρ = {rho:.4g}, support {len(S)}")
     return SparseICResult(
         x=p, p=p[S], c0=c0, c1=c1, support=S, centres=basis.centres[S], kappa=kappa, rho=rho,
-        fun=J, misfit=mis, relative_error=misfit.relative_error(c1), nit=nit_total, nfev=obj.nfev,
+        fun=J, misfit=mis, relative_error=indicator.relative_error(c1), nit=nit_total, nfev=obj.nfev,
         status=status, success=status == 0, message=message, history=run.history,
         components=len(comps), basis=basis, J_ref=J_ref,
     )
 
 
 def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
-                    options: SparseICOptions | None = None, progress=None, cancel=None):
-    """(κ, ρ) by L-BFGS-B with c0 fixed (the last phase of S.1; also a check on its own).
+                    options: SparseICOptions | None = None, progress=None, cancel=None,
+                    tumor_labels=None):
+    """(κ, ρ) by L-BFGS-B with c0 fixed (the last phase of S.1; also a check on its own),
+    on options.tumor_misfit's tumour term (tumor_labels as in solve_sparse_ic).
 
     Starts from options.kappa0 and the best ρ over options.rho_grid.  Returns a
     SparseICResult with kappa, rho, fun, misfit, relative_error, nit, nfev, history.
     """
     opt = options or SparseICOptions()
-    opt.check()
     xp, n = ops.xp, ops.n
     shape = (n, n, n)
-    f = [xp.asarray(a if a is not None else np.zeros(shape), dtype=ops.dtype) for a in (wm, gm, vt, csf, data, c0)]
-    for name, a in zip(("wm", "gm", "vt", "csf", "data", "c0"), f):
-        if a.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    m_k = coefficient_fraction(f[0], f[1], f[2], f[3], opt.gm_ratio_k, xp)
-    m_r = coefficient_fraction(f[0], f[1], f[2], f[3], opt.gm_ratio_rho, xp)
+    f = check_s1_inputs(ops, wm, gm, vt, csf, data, O, opt)
+    c0 = xp.asarray(c0, dtype=ops.dtype)
+    if c0.shape != shape:
+        raise ValueError(f"c0 must have shape {shape}, got {c0.shape}")
+    m_k = coefficient_fraction(f["wm"], f["gm"], f["vt"], f["csf"], opt.gm_ratio_k, xp)
+    m_r = coefficient_fraction(f["wm"], f["gm"], f["vt"], f["csf"], opt.gm_ratio_rho, xp)
     model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
-    misfit = Misfit(ops, f[4], O)
+    indicator = Misfit(ops, f["data"], O)
+    misfit = make_tumor_misfit(ops, opt.tumor_misfit, f["data"], O, tumor_labels, opt.core_threshold,
+                               opt.edema_threshold, stage="S.1")
     J_ref = misfit.value(xp.zeros(shape, dtype=ops.dtype))
-    if not J_ref > 0:
+    if not J_ref > 0:  # O·d ≠ 0 was checked; a square that underflows
         raise ValueError("the observed data O·d is zero: nothing to invert")
     obj = S1Objective(ops, None, model, misfit, 0.0, cancel)
-    c0 = f[5]
     kb, rb = opt.kappa_bounds, opt.rho_bounds
     kappa = float(np.clip(opt.kappa0, *kb))
     run = _Run(progress, 1)
@@ -465,7 +486,7 @@ def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
     kappa, rho = float(res.x[0] * KAPPA_SCALE), float(res.x[1])
     J, _, _, _, mis, c1 = obj.evaluate(None, kappa, rho, c0=c0, gradient=False)
     return SparseICResult(kappa=kappa, rho=rho, fun=J, misfit=mis, c0=c0, c1=c1,
-                          relative_error=misfit.relative_error(c1), nit=res.nit, nfev=obj.nfev,
+                          relative_error=indicator.relative_error(c1), nit=res.nit, nfev=obj.nfev,
                           status=0 if res.success else 1, success=bool(res.success),
                           message=str(res.message), history=run.history)
 
@@ -474,7 +495,7 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
                                    options: SparseICOptions | None = None,
                                    fine_options: SparseICOptions | None = None, factor: int = 2,
                                    radius: float = 2.0, progress=None, cancel=None,
-                                   mask=None) -> SparseICResult:
+                                   mask=None, tumor_labels=None) -> SparseICResult:
     """S.1 coarse-to-fine (MODEL.md §6 allows it): the whole S.1 on the grid block-averaged by
     `factor`, then S.1 on the given grid restricted to the candidates within `radius` coarse
     voxels of the coarse support, started from the coarse κ, ρ.
@@ -496,13 +517,16 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
     coarse_fields = [None if f is None else xp.asarray(coarsen(f, factor), dtype=ops.dtype)
                      for f in (wm, gm, vt, csf, data)]
     cO = None if O is None else xp.asarray(coarsen(O, factor) > 0.5, dtype=ops.dtype)
+    c_labels = None if tumor_labels is None else tuple(
+        None if a is None else xp.asarray(coarsen(a, factor), dtype=ops.dtype) for a in tumor_labels)
     def sub_progress(rec):
         rec = dict(rec)
         rec["fraction"] = 0.5 * rec["fraction"]
         rec["message"] = f"{n // factor}³: " + rec["message"]
         progress(rec)
     coarse = solve_sparse_ic(coarse_ops, *coarse_fields, O=cO, options=opt,
-                             progress=None if progress is None else sub_progress, cancel=cancel)
+                             progress=None if progress is None else sub_progress, cancel=cancel,
+                             tumor_labels=c_labels)
     # fine candidates near the coarse support
     fields = [xp.asarray(f if f is not None else np.zeros((n, n, n)), dtype=ops.dtype) for f in (wm, gm, vt)]
     if mask is None:
@@ -525,7 +549,7 @@ def solve_sparse_ic_coarse_to_fine(ops: SpectralOps, wm, gm, vt, csf, data, O=No
         progress(rec)
     res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=fopt,
                           progress=None if progress is None else fine_progress,
-                          cancel=cancel, basis=basis, mask=mask)
+                          cancel=cancel, basis=basis, mask=mask, tumor_labels=tumor_labels)
     res.coarse = coarse
     res.nfev_fine = res.nfev
     res.nfev = res.nfev + coarse.nfev
@@ -571,7 +595,7 @@ def check_s1_inputs(ops: SpectralOps, wm, gm, vt, csf, data, O, options: SparseI
 
 
 def solve_s1(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICOptions | None = None,
-             progress=None, cancel=None) -> SparseICResult:
+             progress=None, cancel=None, tumor_labels=None) -> SparseICResult:
     """Stage S.1 as calibrate runs it (§6): solve_sparse_ic on the given grid, or
     solve_sparse_ic_coarse_to_fine from n/k when s1_coarse_factor gives k > 1 (its fine
     level: one CoSaMP pass near the coarse support). A tumor the coarse grid cannot represent
@@ -586,12 +610,13 @@ def solve_s1(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: SparseICO
     if k > 1:
         try:
             res = solve_sparse_ic_coarse_to_fine(ops, wm, gm, vt, csf, data, O=O, options=options,
-                                                 factor=k, progress=progress, cancel=cancel)
+                                                 factor=k, progress=progress, cancel=cancel,
+                                                 tumor_labels=tumor_labels)
         except ValueError as exc:
             fallback, k = f"{ops.n // k}³ level: {exc}", 1
     if k == 1:
         res = solve_sparse_ic(ops, wm, gm, vt, csf, data, O=O, options=options, progress=progress,
-                              cancel=cancel)
+                              cancel=cancel, tumor_labels=tumor_labels)
     res.coarse_factor = k
     res.coarse_fallback = fallback
     return res

@@ -71,7 +71,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import (S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER, S3_TUMOR_MISFIT,  # noqa: E402
+from GBMMassEffectLib.calibrate import (S1_TUMOR_MISFIT, S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER, S3_TUMOR_MISFIT,  # noqa: E402
                                         s3_c0_shift_voxels)
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
@@ -198,16 +198,18 @@ class Patient:
         return wm, gm, T.vt, T.csf
 
     def inverted_c0(self, max_iter: int, cache_dir: pathlib.Path | None = None,
-                    coarse_factor: int | None = None):
+                    coarse_factor: int | None = None, tumor_misfit: str = "indicator"):
         """S.1 on the patient as calibrate runs it (sparse_ic.solve_s1: coarse-to-fine from
         n/k, k = s1_coarse_factor), cached per patient and in cache_dir/s1_<n>_<case>.npz
-        (s1_<n>_<case>_c<k>.npz when k > 1)."""
+        (s1_<n>_<case>_c<k>.npz when k > 1; _band with S.1's label band on label data)."""
         from GBMMassEffectLib.sparse_ic import SparseICOptions, s1_coarse_factor
 
-        s1_opt = SparseICOptions(final_maxiter=max_iter, coarse_factor=coarse_factor)
+        band = tumor_misfit == "band" and self.labels is not None
+        s1_opt = SparseICOptions(final_maxiter=max_iter, coarse_factor=coarse_factor,
+                                 tumor_misfit="band" if band else "indicator")
         k = s1_coarse_factor(self.ops.n, s1_opt)
         name = (f"s1_{self.ops.n}_{self.case}" + (f"_c{k}" if k > 1 else "")
-                + (f"_s{self.sigma_mm:g}" if self.sigma_mm != SIGMA_MM else "") + ".npz")
+                + (f"_s{self.sigma_mm:g}" if self.sigma_mm != SIGMA_MM else "") + ("_band" if band else "") + ".npz")
         cache = None if cache_dir is None else cache_dir / name
         if self.s1 is None and cache is not None and cache.exists():
             z = np.load(cache, allow_pickle=False)
@@ -222,7 +224,7 @@ class Patient:
             ops = self.ops
             wm, gm, vt, csf = self.s1_tissues()
             t = time.perf_counter()
-            r = solve_s1(ops, wm, gm, vt, csf, self.d, self.O, s1_opt)
+            r = solve_s1(ops, wm, gm, vt, csf, self.d, self.O, s1_opt, tumor_labels=self.labels if band else None)
             sec = time.perf_counter() - t
             c0 = ops.xp.asarray(r.c0, dtype=ops.dtype)
             err = float(ops.norm(c0 - self.c0) / ops.norm(self.c0))
@@ -230,7 +232,7 @@ class Patient:
             self.s1 = (c0, {"kappa_s1": float(r.kappa), "rho_s1": float(r.rho),
                             "s1_relative_error": float(r.relative_error), "s1_support": int(len(r.support)),
                             "s1_c0_error": err, "s1_seconds": sec, "s1_coarse_factor": k,
-                            "s1_nfev": int(r.nfev)})
+                            "s1_nfev": int(r.nfev), "s1_tumor_misfit": s1_opt.tumor_misfit})
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache, c0=to_numpy(c0), info=json.dumps(self.s1[1]), atoms=self.s1_atoms[0],
@@ -300,7 +302,7 @@ def run_row(exp: str, patient: Patient, target: Anatomy, ops: SpectralOps, args)
     if exp == "true-ic":
         c0, d, O, vt_p = patient.c0, patient.d, patient.O, patient.vt
     else:
-        c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache", args.s1_coarse_factor)
+        c0, s1 = patient.inverted_c0(args.max_iter, args.out / "cache", args.s1_coarse_factor, args.s1_tumor_misfit)
         extra.update(s1)
         if refit:
             atoms, weights = patient.s1_atoms
@@ -416,6 +418,7 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
             lines += ["", "S.1 (inverted IC): " + "; ".join(
                 f"{label(r['case'])} κ {r['kappa_s1']:.4f}, ρ {r['rho_s1']:.2f}, support {r['s1_support']}, "
                 f"‖c0 − c0*‖/‖c0*‖ {r['s1_c0_error']:.3f}, {r['s1_seconds']:.0f} s"
+                + (" (label band)" if r.get("s1_tumor_misfit") == "band" else "")
                 + (f" (coarse-to-fine from {doc['grid'] // r['s1_coarse_factor']}³)"
                    if r.get("s1_coarse_factor", 1) > 1 else "")
                 for r in sorted({r['case']: r for r in s1}.values(), key=lambda r: r['case']))]
@@ -501,6 +504,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
     ap.add_argument("--tumor-misfit", choices=TUMOR_MISFITS, default=S3_TUMOR_MISFIT,
                     help="S.3's tumour term on label data (default calibrate's: §5's indicator; band: the label band)")
+    ap.add_argument("--s1-tumor-misfit", choices=TUMOR_MISFITS, default=S1_TUMOR_MISFIT,
+                    help="S.1's tumour term on label data (default calibrate's: §5's indicator; band: the label band)")
     ap.add_argument("--label-thresholds", nargs=2, type=float, default=[CORE, EDEMA], metavar=("CORE", "EDEMA"),
                     help="c(1) levels the patient's labels are drawn at (default the label band's, "
                          "presets.BRATS_THRESHOLDS)")
