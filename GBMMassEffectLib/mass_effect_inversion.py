@@ -8,6 +8,8 @@ solves per gradient, run concurrently on a thread pool (the FFTs release the GIL
 ‖P g(x_k)‖ ≤ gtol_rel·‖P g(x_0)‖ (P: projection onto the feasible directions) or after
 maxiter iterations, 5 L-BFGS vectors. At the optimum it reports the condition number of
 the forward-difference Hessian in the scaled variables (step ε_mach^{1/3}).
+With vt_mask (a deviation: calibrate passes it) the ventricle term is ½h³‖M(vt(1) −
+vt_patient)‖², M = 0 where the patient's ventricles are hidden under a tumour label.
 
 Optimiser (option optimizer): "lbfgsb" is §6's L-BFGS-B above; "gauss-newton" (calibrate's
 default, a deviation) uses that J = ½‖r‖² with r = h^{3/2}(O(c(1) − d), vt(1) − vt_patient):
@@ -255,7 +257,7 @@ class MassEffectObjective:
     with options.c0_shift > 0, the translation δ of c0 (voxels) after those."""
 
     def __init__(self, ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient,
-                 options: MassEffectOptions, cancel=None, atoms=None, labels=None):
+                 options: MassEffectOptions, cancel=None, atoms=None, labels=None, vt_mask=None):
         self.ops, self.tissues, self.c0, self.atoms = ops, atlas_tissues, c0, atoms
         self.n_weights = 0 if atoms is None else int(atoms.shape[0])
         self.shift = options.c0_shift > 0
@@ -264,6 +266,8 @@ class MassEffectObjective:
         self.misfit = self.indicator if options.tumor_misfit == "indicator" else make_tumor_misfit(
             ops, options.tumor_misfit, d, O, labels, options.core_threshold, options.edema_threshold)
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
+        # where the patient's ventricles are observed (1) or hidden under the tumour (0)
+        self.vt_mask = None if vt_mask is None else (ops.xp.asarray(vt_mask) > 0.5).astype(ops.dtype)
         self.options, self.cancel = options, cancel
         self.n_forward = 0
         self.cfl_flagged = 0
@@ -311,10 +315,15 @@ class MassEffectObjective:
             self.cfl_flagged += 1
         xp = self.ops.xp
         jt = self.misfit.value(res.c)
-        r = res.tissues.vt - self.vt_patient
+        r = self.vt_residual(res)
         jv = 0.5 * self.ops.h**3 * float(xp.sum(r * r, dtype=np.float64))
         parts = {"tumor": jt, "vt": jv}
         return jt + jv, parts, res
+
+    def vt_residual(self, res):
+        """vt(1) − vt_patient where the patient's ventricles are observed (vt_mask)."""
+        r = res.tissues.vt - self.vt_patient
+        return r if self.vt_mask is None else r * self.vt_mask
 
     def value(self, x) -> float:
         key = _key(x)
@@ -340,7 +349,7 @@ class MassEffectObjective:
         J, parts, res = self.solve(x)
         s = math.sqrt(self.ops.h ** 3)
         r = np.concatenate([to_numpy(self.misfit.residual(res.c)).ravel(),
-                            to_numpy(res.tissues.vt - self.vt_patient).ravel()]).astype(np.float64) * s
+                            to_numpy(self.vt_residual(res)).ravel()]).astype(np.float64) * s
         with self._lock:
             self._cache[key] = (J, parts)
             self._residuals[key] = r
@@ -497,12 +506,14 @@ def _relative_change(xp, a, b) -> float:
 def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
                        initial: dict | None = None, options: MassEffectOptions | None = None,
                        progress=None, cancel=None, atlas: str | int | None = None,
-                       c0_atoms=None, c0_weights=None, tumor_labels=None) -> MassEffectResult:
+                       c0_atoms=None, c0_weights=None, tumor_labels=None, vt_mask=None) -> MassEffectResult:
     """Run S.3 on one atlas. initial: starting {gamma, rho, kappa} (paper units).
     c0_atoms ((s, n, n, n)) and c0_weights (s): S.1's support atoms in this frame and their
     weights, needed by options.c0_refit (c0 is then Σ q_i φ_i / max, q from c0_weights).
     tumor_labels (core, edema or None): the label fractions in this frame, needed by
     options.tumor_misfit "band" (d and O still give the reported relative tumour error).
+    vt_mask (> 0.5 = observed): where vt_patient is known; the ventricle term leaves out the
+    rest (a tumour label hides the ventricles under it; a deviation from §6, calibrate.py).
 
     With options.coarse_grids, S.3 runs coarse-to-fine: on each coarse grid (the atlas
     tissues, c0, d, O and vt_patient block-averaged; c0 rescaled to max 1; no Hessian), each
@@ -550,7 +561,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         fine = m == ops.n
         if fine:
             lops, T, c0_l, d_l, O_l, vt_l = ops, atlas_tissues, c0, d, O, vt_patient
-            atoms_l, labels_l = atoms, labels
+            atoms_l, labels_l, vt_mask_l = atoms, labels, vt_mask
             lopt = dataclasses.replace(options, hessian=False) if options.c0_pullback > 0 else options
         else:
             lops = SpectralOps(m, ops.backend)
@@ -562,6 +573,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             O_l = None if O is None else xp.asarray(restrict(O, m) > 0.5, dtype=lops.dtype)
             atoms_l = None if atoms is None else restrict(atoms, m)
             labels_l = None if labels is None else tuple(None if a is None else restrict(a, m) for a in labels)
+            vt_mask_l = None if vt_mask is None else restrict(vt_mask, m)
             # the translation bound is physical: options.c0_shift voxels of n
             lopt = dataclasses.replace(options, hessian=False, c0_shift=options.c0_shift * m / ops.n,
                                        gtol_rel=max(options.gtol_rel, COARSE_GTOL_REL))
@@ -573,7 +585,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         for rnd in range(n_rounds + 1):
             r = _invert_one_level(lops, T, c0_cur, d_l, O_l, vt_l, init, lopt,
                                   _round_progress(sub, rnd, n_rounds + 1), cancel, atlas, g0_ref, atoms_l,
-                                  labels_l)
+                                  labels_l, vt_mask_l)
             g0_ref = r.gradient_norm_initial if g0_ref is None else g0_ref
             init = {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa}
             if r.c0_weights is not None:
@@ -606,7 +618,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
         hops, hT, hc0, hd, hO, hvt = _in_precision(ops, options.precision, atlas_tissues, out.c0, d, O,
                                                     vt_patient)
         out.hessian_condition = hessian_condition(
-            MassEffectObjective(hops, hT, hc0, hd, hO, hvt, options, cancel, labels=labels), out.x,
+            MassEffectObjective(hops, hT, hc0, hd, hO, hvt, options, cancel, labels=labels, vt_mask=vt_mask), out.x,
             options.workers)
     out.history = history
     out.coarse = coarse_runs
@@ -691,7 +703,7 @@ def _level_progress(progress, grid: int, k: int, count: int):
 
 def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, init: dict,
                       options: MassEffectOptions, progress, cancel, atlas, g0_ref,
-                      atoms=None, labels=None) -> MassEffectResult:
+                      atoms=None, labels=None, vt_mask=None) -> MassEffectResult:
     """S.3 on one grid from init; g0_ref: the reference gradient norm of the stopping rule
     (None: the gradient at the start); atoms: c0_refit's atoms (init["c0_weights"] their
     starting weights)."""
@@ -708,7 +720,7 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
     if shift:  # δ in voxels of this grid (init carries it in domain units)
         x0 = np.r_[x0, np.asarray(init.get("c0_shift_domain", np.zeros(3)), dtype=float) / ops.h]
     x0 = np.clip(x0, bounds.lb, bounds.ub)
-    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms, labels)
+    obj = MassEffectObjective(ops, atlas_tissues, c0, d, O, vt_patient, options, cancel, atoms, labels, vt_mask)
     state = {"g0": None, "g": None, "x": x0, "nit": 0, "J": None}
     history: list[dict] = []
 

@@ -412,6 +412,20 @@ def test_volume_average():
     assert np.allclose(acc.mean("displacement_norm"), [2, 2]) and np.allclose(acc.std("displacement_norm"), [1, 0])
 
 
+def test_ventricles_observed_leaves_out_the_tumour_and_one_voxel_around_it():
+    from GBMMassEffectLib.calibrate import VT_MASK_DILATION, ventricles_observed
+
+    whole = np.zeros((9, 9, 9), np.float32)
+    whole[4, 4, 4] = 0.9
+    whole[4, 4, 5] = 0.4  # under half a voxel of tumour: not hidden itself
+    m = ventricles_observed(whole)
+    assert m.dtype == np.float32 and VT_MASK_DILATION == 1
+    hidden = np.argwhere(m == 0)
+    # the tumour voxel and its six face neighbours (one dilation step), nothing else
+    assert len(hidden) == 7 and np.abs(hidden - 4).sum(axis=1).max() == 1
+    assert ventricles_observed(np.zeros((4, 4, 4))).min() == 1.0
+
+
 def _t1_from_labels(lab):
     table = np.zeros(256, np.float32)
     for v, x in ((5, 650.0), (6, 900.0), (7, 350.0), (8, 350.0), (1, 450.0), (2, 700.0), (4, 500.0)):
