@@ -104,10 +104,11 @@ S3_C0_SHIFT_MM = 0.0
 #: always uses §5's): "indicator" is §5's ½h³‖O(c(1) − d)‖², which pulls the core to c = 1;
 #: "band" (an option) reads each label boundary as an iso-contour of c(1) at the levels
 #: `simulate` labels at (s3.core_threshold 0.4, s3.edema_threshold 0.02). The band wins
-#: with the true c0 and on max|u| in the unregistered 32³ rows, but on the demo patient
-#: (simulate's 1 mm labels, affine S.2, the 32³ box) it gave mean γ 0.269 and max|u| 5.8 mm
-#: for 0.4 and 10.0 mm, where the indicator gives 0.374 and 8.9 mm: not the default
-#: (mass_effect_inversion's docstring and README "Accuracy" have the measurements).
+#: with the true c0 and on max|u| in the unregistered 32³ rows; on the demo patient
+#: (simulate's 1 mm labels, affine S.2, the 32³ box; ventricles hidden by the labels left
+#: out, VT_MASK_DILATION) it gave mean γ 0.385 and max|u| 8.2 mm for 0.4 and 10.0 mm, the
+#: indicator 0.402 and 9.6 mm: not the default (mass_effect_inversion's docstring and
+#: README "Accuracy" have the measurements).
 S3_TUMOR_MISFIT = "indicator"
 #: S.1's tumour term on a label map or masks (job option s1.tumor_misfit, as S.3's): §5's
 #: indicator; "band" sizes S.1's c0 to the label band as well. Measured at 32³ (README

@@ -31,8 +31,8 @@ from . import progress as pg
 
 TRUE_ATLAS = "mni152"
 #: S.3 iteration cap of the default demo (true atlas plus ONE other). Re-timed with
-#: calibrate's S.3 (c0 refit, Gauss-Newton; 9–10 forward solves per iteration): 8.2 min
-#: wall on 2 cores on 2026-12-01, S.1 3.5 min of it, mean γ 0.374 for 0.4 (README); the 32³ TC(b)
+#: calibrate's S.3 (c0 refit, Gauss-Newton; 9–10 forward solves per iteration): 8.3 min
+#: wall on 2 cores on 2026-12-01, S.1 3.3 min of it, mean γ 0.398 for 0.4 (README); the 32³ TC(b)
 #: concentration row converged in 9 iterations, so 8 stops near the optimum.
 DEFAULT_S3_MAXITER = 8
 
