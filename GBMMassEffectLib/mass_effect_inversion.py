@@ -268,6 +268,9 @@ class MassEffectObjective:
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         # where the patient's ventricles are observed (1) or hidden under the tumour (0)
         self.vt_mask = None if vt_mask is None else (ops.xp.asarray(vt_mask) > 0.5).astype(ops.dtype)
+        if self.vt_mask is not None and self.vt_mask.shape != self.vt_patient.shape:
+            raise ValueError(f"vt_mask must have the shape of vt_patient {self.vt_patient.shape}, "
+                             f"got {self.vt_mask.shape}")
         self.options, self.cancel = options, cancel
         self.n_forward = 0
         self.cfl_flagged = 0

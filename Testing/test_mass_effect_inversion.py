@@ -339,6 +339,8 @@ def test_ventricle_mask_leaves_out_the_hidden_ventricles(glia_testdata):
     full = MassEffectObjective(ops, tissues, c0, res.c, None, vt_p, MassEffectOptions())
     masked = MassEffectObjective(ops, tissues, c0, res.c, None, vt_p, MassEffectOptions(), vt_mask=mask)
     assert full.value(x) > 1e-4 and masked.value(x) < 1e-10
+    with pytest.raises(ValueError, match="vt_mask must have the shape of vt_patient"):
+        MassEffectObjective(ops, tissues, c0, res.c, None, vt_p, MassEffectOptions(), vt_mask=mask[:8])
     x3 = x * np.array([1.1, 1.0, 1.0])
     r = masked.residual(x3)
     assert 0.5 * float(r @ r) == pytest.approx(masked.value(x3), rel=1e-6)
