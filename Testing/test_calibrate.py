@@ -166,6 +166,9 @@ def test_full_pipeline_outputs(case, full_run):
         w = e["c0_weights"]
         assert len(w) == report["s1"]["support"] and all(0 <= v <= 1 for v in w) and max(w) > 0
         assert e["c0_rounds"] == []
+        # S.3's ventricle term leaves out the tumour (dilated one voxel): the share of the
+        # atlas's ventricles it does not see (this tumour sits in deep white matter)
+        assert 0 <= e["ventricles_unobserved_fraction"] < 0.5
         # and translates it (mm along the atlas box's axes) within S3_C0_SHIFT_MM when that is on
         if S3_C0_SHIFT_MM > 0:
             assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM + 1e-9
