@@ -101,8 +101,8 @@ from scipy.optimize import Bounds, least_squares, minimize
 
 from .backend import to_numpy
 from .forward import ForwardParams, run_forward
-from .observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, TUMOR_MISFITS, Misfit, check_label_thresholds,
-                          make_tumor_misfit)
+from .observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, TUMOR_MISFITS, check_label_thresholds,
+                          tumor_misfits)
 from .progress import Cancelled, check_cancel
 from .spectral import SpectralOps
 
@@ -262,9 +262,8 @@ class MassEffectObjective:
         self.n_weights = 0 if atoms is None else int(atoms.shape[0])
         self.shift = options.c0_shift > 0
         # §5's misfit: the reported relative tumour error (and J's tumour term unless "band")
-        self.indicator = Misfit(ops, d, O)
-        self.misfit = self.indicator if options.tumor_misfit == "indicator" else make_tumor_misfit(
-            ops, options.tumor_misfit, d, O, labels, options.core_threshold, options.edema_threshold)
+        self.indicator, self.misfit = tumor_misfits(ops, options.tumor_misfit, d, O, labels,
+                                                    options.core_threshold, options.edema_threshold)
         self.vt_patient = ops.xp.asarray(vt_patient, dtype=ops.dtype)
         # where the patient's ventricles are observed (1) or hidden under the tumour (0)
         self.vt_mask = None if vt_mask is None else (ops.xp.asarray(vt_mask) > 0.5).astype(ops.dtype)

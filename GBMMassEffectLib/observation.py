@@ -133,18 +133,30 @@ class BandMisfit:
         return self.ops.dtype.type(self.h3) * self.residual(c1)
 
 
-def make_tumor_misfit(ops: SpectralOps, kind: str, d, O=None, labels=None,
-                 core_threshold: float = CORE_THRESHOLD, edema_threshold: float = EDEMA_THRESHOLD,
-                 stage: str = "S.3"):
-    """The tumour term of S.1 / S.3: §5's Misfit(d, O) for kind "indicator", the label band
-    (BandMisfit of label_band) for "band", which needs labels = (core, edema or None)."""
-    if kind == "indicator":
-        return Misfit(ops, d, O)
+def tumor_misfits(ops: SpectralOps, kind: str, d, O=None, labels=None,
+                  core_threshold: float = CORE_THRESHOLD, edema_threshold: float = EDEMA_THRESHOLD,
+                  stage: str = "S.3"):
+    """(indicator, misfit) of S.1 / S.3: §5's Misfit(d, O), which gives the reported
+    relative tumour error, and the tumour term J uses: that same object for kind
+    "indicator", the label band (BandMisfit of label_band) for "band", which needs
+    labels = (core, edema or None)."""
     if kind not in TUMOR_MISFITS:
         raise ValueError(f"{stage} tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {kind!r}")
+    indicator = Misfit(ops, d, O)
+    if kind == "indicator":
+        return indicator, indicator
     if labels is None:
         raise ValueError(f"{stage} tumor_misfit 'band' needs the tumour labels (core, edema)")
-    return BandMisfit(ops, *label_band(ops, labels[0], labels[1], core_threshold, edema_threshold))
+    return indicator, BandMisfit(ops, *label_band(ops, labels[0], labels[1], core_threshold, edema_threshold))
+
+
+def labels_from_concentration(c, core_threshold: float = CORE_THRESHOLD,
+                              edema_threshold: float = EDEMA_THRESHOLD):
+    """(core, edema) float32 indicators drawn from a concentration at the thresholds, the
+    labels label_band reads back: core c > θ_core, edema θ_edema < c ≤ θ_core."""
+    c = np.asarray(c)
+    return ((c > core_threshold).astype(np.float32),
+            ((c > edema_threshold) & (c <= core_threshold)).astype(np.float32))
 
 
 def regularisation(ops: SpectralOps, c0, beta: float = BETA_DEFAULT) -> float:

@@ -41,7 +41,7 @@ import scipy.optimize
 from .backend import to_numpy
 from .basis import GaussianBasis, brain_mask, candidate_centres
 from .observation import (BETA_DEFAULT, CORE_THRESHOLD, EDEMA_THRESHOLD, TUMOR_MISFITS, Misfit,
-                          check_label_thresholds, make_tumor_misfit)
+                          check_label_thresholds, tumor_misfits)
 from .progress import Cancelled, check_cancel
 from .reaction_diffusion import ReactionDiffusion, coefficient_fraction
 from .spectral import SpectralOps
@@ -282,9 +282,8 @@ def solve_sparse_ic(ops: SpectralOps, wm, gm, vt, csf, data, O=None, options: Sp
     m_k = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_k, xp)
     m_r = coefficient_fraction(fields["wm"], fields["gm"], fields["vt"], fields["csf"], opt.gm_ratio_rho, xp)
     model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
-    indicator = Misfit(ops, d, O)
-    misfit = make_tumor_misfit(ops, opt.tumor_misfit, d, O, tumor_labels, opt.core_threshold,
-                               opt.edema_threshold, stage="S.1")
+    indicator, misfit = tumor_misfits(ops, opt.tumor_misfit, d, O, tumor_labels, opt.core_threshold,
+                                      opt.edema_threshold, stage="S.1")
     if mask is None:
         mask = brain_mask(fields["wm"], fields["gm"], fields["vt"], xp)
     if basis is None:
@@ -464,9 +463,8 @@ def solve_kappa_rho(ops: SpectralOps, wm, gm, vt, csf, data, c0, O=None,
     m_k = coefficient_fraction(f["wm"], f["gm"], f["vt"], f["csf"], opt.gm_ratio_k, xp)
     m_r = coefficient_fraction(f["wm"], f["gm"], f["vt"], f["csf"], opt.gm_ratio_rho, xp)
     model = ReactionDiffusion(ops, m_k, m_r, nt=opt.nt, rtol=opt.rtol)
-    indicator = Misfit(ops, f["data"], O)
-    misfit = make_tumor_misfit(ops, opt.tumor_misfit, f["data"], O, tumor_labels, opt.core_threshold,
-                               opt.edema_threshold, stage="S.1")
+    indicator, misfit = tumor_misfits(ops, opt.tumor_misfit, f["data"], O, tumor_labels, opt.core_threshold,
+                                      opt.edema_threshold, stage="S.1")
     J_ref = misfit.value(xp.zeros(shape, dtype=ops.dtype))
     if not J_ref > 0:  # O·d ≠ 0 was checked; a square that underflows
         raise ValueError("the observed data O·d is zero: nothing to invert")

@@ -23,7 +23,7 @@ from GBMMassEffectLib.mass_effect_inversion import (
     fd_steps, from_scaled, invert_mass_effect, projected_gradient_norm, pull_back, restrict,
     to_scaled)
 from GBMMassEffectLib.observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, label_band,
-                                          observation_operator, tumor_data)
+                                          labels_from_concentration, observation_operator, tumor_data)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.tissue import Tissues
 
@@ -235,11 +235,6 @@ def test_recovery_true_ic_true_atlas_32(glia_testdata):
 
 
 # ---- the label band (tumor_misfit "band") --------------------------------------------------
-def _labels_of(c):
-    """(core, edema) indicators drawn from c at the band's thresholds, as simulate draws them."""
-    core = (c > CORE_THRESHOLD).astype(np.float32)
-    return core, ((c > EDEMA_THRESHOLD) & (c <= CORE_THRESHOLD)).astype(np.float32)
-
 
 def test_label_band_bounds_residual_and_gradient():
     """label_band's bounds hold exactly for labels drawn from c at its thresholds; the band
@@ -247,7 +242,7 @@ def test_label_band_bounds_residual_and_gradient():
     ops = SpectralOps(16, get_backend("cpu", "float64"))
     x = np.stack(np.meshgrid(*[np.arange(16) * ops.h] * 3, indexing="ij"))
     c = np.exp(-((x - math.pi) ** 2).sum(axis=0) / 0.8)
-    core, edema = _labels_of(c)
+    core, edema = labels_from_concentration(c)
     assert core.sum() > 10 and edema.sum() > 10
     L, U = label_band(ops, core, edema)
     assert np.all(L <= c) and np.all(c <= U)
@@ -291,7 +286,7 @@ def test_recovery_label_band_true_ic_16(glia_testdata):
     labels: measured 0.011 for 0.025); §5's indicator, which pulls the core to c = 1, gives
     γ 1.04 here (30% over)."""
     ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
-    core, edema = _labels_of(np.asarray(res.c))
+    core, edema = labels_from_concentration(np.asarray(res.c))
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
     r = invert_mass_effect(ops, tissues, c0, tumor_data(ops, core), observation_operator(ops, core, edema),
                            res.tissues.vt, initial=start, tumor_labels=(core, edema),

@@ -9,7 +9,7 @@ import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import GaussianBasis, brain_mask, candidate_centres
-from GBMMassEffectLib.observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, BandMisfit, Misfit, label_band,
+from GBMMassEffectLib.observation import (BandMisfit, Misfit, label_band, labels_from_concentration,
                                           observation_operator, tumor_data)
 from GBMMassEffectLib.progress import Cancelled
 from GBMMassEffectLib.reaction_diffusion import ReactionDiffusion
@@ -67,16 +67,22 @@ def _taylor_case(beta):
     return basis, obj, np.array([0.5, 0.3, 0.4, 0.1])
 
 
-def test_taylor_p_gradient_through_basis():
-    """∂J/∂p = Φᵀ(λ0 + βh³Φp) incl. β, in float64 with tight PCG: ε² decay."""
-    basis, obj, p = _taylor_case(beta=1e-2)
+def _taylor_p(obj, p, eps0, title, min_window, label):
+    """Taylor test of ∂J/∂p = Φᵀλ0 (+ βh³Φp) at p along a fixed direction; returns J(p)."""
     J0, lam0, _, _, _, _ = obj.evaluate(p, 0.03, 7.0)
     g = obj.gradient_p(lam0)
     dp = np.array([0.3, -0.2, 0.5, 0.4])
     res = taylor_test(lambda q: obj.evaluate(q, 0.03, 7.0, gradient=False)[0], float(g @ dp), p, dp,
-                      eps0=0.5, levels=9, J0=J0)
-    print("\nTaylor test, p (through Φ, β = 1e-2)\n" + res.table())
-    assert_taylor(res, min_window=5, label="p")
+                      eps0=eps0, levels=9, J0=J0)
+    print(f"\nTaylor test, {title}\n" + res.table())
+    assert_taylor(res, min_window=min_window, label=label)
+    return J0
+
+
+def test_taylor_p_gradient_through_basis():
+    """∂J/∂p = Φᵀ(λ0 + βh³Φp) incl. β, in float64 with tight PCG: ε² decay."""
+    basis, obj, p = _taylor_case(beta=1e-2)
+    _taylor_p(obj, p, 0.5, "p (through Φ, β = 1e-2)", 5, "p")
 
 
 def test_taylor_p_gradient_max_normalised():
@@ -255,27 +261,13 @@ def test_cancel_and_bad_input():
 
 
 # ---- the label band in S.1 (SparseICOptions.tumor_misfit "band") ---------------------------
-def _labels_of(c):
-    """(core, edema) indicators drawn from c at the band's thresholds, as simulate draws them."""
-    c = np.asarray(c)
-    return ((c > CORE_THRESHOLD).astype(np.float32),
-            ((c > EDEMA_THRESHOLD) & (c <= CORE_THRESHOLD)).astype(np.float32))
-
-
 def test_taylor_p_gradient_with_the_label_band():
     """The band's terminal condition goes through the same discrete adjoint: ε² decay."""
     basis, obj, p = _taylor_case(beta=0.0)
-    core, edema = _labels_of(obj.misfit.d)
+    core, edema = labels_from_concentration(obj.misfit.d)
     assert core.sum() > 0 and edema.sum() > 0
     obj.misfit = BandMisfit(obj.ops, *label_band(obj.ops, core, edema))
-    J0, lam0, _, _, _, _ = obj.evaluate(p, 0.03, 7.0)
-    assert J0 > 0
-    g = obj.gradient_p(lam0)
-    dp = np.array([0.3, -0.2, 0.5, 0.4])
-    res = taylor_test(lambda q: obj.evaluate(q, 0.03, 7.0, gradient=False)[0], float(g @ dp), p, dp,
-                      eps0=0.05, levels=9, J0=J0)
-    print("\nTaylor test, p with the label band\n" + res.table())
-    assert_taylor(res, min_window=4, label="p band")
+    assert _taylor_p(obj, p, 0.05, "p with the label band", 4, "p band") > 0
 
 
 def test_single_source_from_labels_with_the_band():
@@ -285,7 +277,7 @@ def test_single_source_from_labels_with_the_band():
     reported relative error §5's. Asking for the band without labels, or for an unknown
     term, is a clear error."""
     ops, wm, c0, c1, centre = _synthetic(24)
-    core, edema = _labels_of(c1)
+    core, edema = labels_from_concentration(c1)
     d, O = tumor_data(ops, core), observation_operator(ops, core, edema)
     band = BandMisfit(ops, *label_band(ops, core, edema))
     J0 = band.value(0 * c1)

@@ -78,7 +78,7 @@ from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
 from GBMMassEffectLib.geometry import box_for_image  # noqa: E402
 from GBMMassEffectLib.mass_effect_inversion import (OPTIMIZERS, TUMOR_MISFITS, MassEffectOptions,  # noqa: E402
                                                     invert_mass_effect)
-from GBMMassEffectLib.observation import observation_operator, tumor_data  # noqa: E402
+from GBMMassEffectLib.observation import labels_from_concentration, observation_operator, tumor_data  # noqa: E402
 from GBMMassEffectLib.simulate import box_tissues, initial_condition, seed_point  # noqa: E402
 from GBMMassEffectLib.spectral import SpectralOps  # noqa: E402
 from GBMMassEffectLib.tissue import Tissues  # noqa: E402
@@ -167,9 +167,7 @@ class Patient:
         if data_kind == "concentration":
             self.d, self.O = res.c, None
         else:
-            t_core, t_edema = label_thresholds
-            core = (c1 > t_core).astype(np.float32)
-            edema = ((c1 > t_edema) & (c1 <= t_core)).astype(np.float32)
+            core, edema = labels_from_concentration(c1, *label_thresholds)
             self.d = tumor_data(ops, core)
             self.O = observation_operator(ops, core, edema)
             self.labels = (core, edema)
