@@ -1023,8 +1023,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     vt_mask = ventricles_observed(warp_fraction_to_box(
         io.image_like(patient.whole.astype(np.float32), ref), reg, geom_a, m))
     vt_atlas = to_numpy(T_a.vt).astype(np.float64)
-    entry["ventricles_unobserved_fraction"] = float(
-        1.0 - (vt_atlas * vt_mask).sum() / vt_atlas.sum()) if vt_atlas.sum() > 0 else 0.0
+    vt_total = float(vt_atlas.sum())
+    entry["ventricles_unobserved_fraction"] = 1.0 - float((vt_atlas * vt_mask).sum()) / vt_total if vt_total > 0 else 0.0
     check_cancel(cancel)
     s1_kappa, s1_rho = s1_kappa_rho
     initial = {"gamma": job.gamma0, "rho": float(s1_rho), "kappa": float(s1_kappa)}
