@@ -1024,7 +1024,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         io.image_like(patient.whole.astype(np.float32), ref), reg, geom_a, m))
     vt_atlas = to_numpy(T_a.vt).astype(np.float64)
     vt_total = float(vt_atlas.sum())
-    entry["ventricles_unobserved_fraction"] = 1.0 - float((vt_atlas * vt_mask).sum()) / vt_total if vt_total > 0 else 0.0
+    entry["ventricles_unobserved_fraction"] = (1.0 - float((vt_atlas * vt_mask).sum()) / vt_total
+                                               if vt_total > 0 else 0.0)
     check_cancel(cancel)
     s1_kappa, s1_rho = s1_kappa_rho
     initial = {"gamma": job.gamma0, "rho": float(s1_rho), "kappa": float(s1_kappa)}
