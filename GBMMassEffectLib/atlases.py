@@ -23,7 +23,7 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -380,20 +380,24 @@ class AtlasSelection:
 
     def summary(self) -> str:
         lines = [f"patient ventricles {self.patient_ventricle_ml:.1f} mL; rule: {self.rule}"]
-        lines += [f"  {c.atlas.name}: {c.atlas.ventricle_ml:.1f} mL (x{c.ratio:.2f}) - "
+        # the volume compared (c.ratio · patient): the atlas's, or its part outside the tumour
+        lines += [f"  {c.atlas.name}: {c.ratio * self.patient_ventricle_ml:.1f} mL (x{c.ratio:.2f}) - "
                   f"{c.reason}" for c in self.choices]
         return "\n".join(lines)
 
 
 def select_atlases(atlas_set, patient_ventricle_ml: float,
                    max_atlases: int = MAX_ATLASES,
-                   min_atlases: int = MIN_ATLASES) -> AtlasSelection:
+                   min_atlases: int = MIN_ATLASES,
+                   atlas_ventricle_ml: Mapping[str, float] | None = None) -> AtlasSelection:
     """MODEL §6 atlas choice by ventricle volume.
 
     Take atlases with V_atlas / V_patient in [1, 1.3]; only when fewer than
     `min_atlases` (4) qualify, widen to [1, 1.5], then add the nearest remaining ones
     (smallest |ln ratio|) up to `min_atlases`; keep at most `max_atlases` (8), nearest
-    to the patient first (ties by name)."""
+    to the patient first (ties by name). atlas_ventricle_ml (name → mL) replaces V_atlas
+    for the atlases it names: calibrate passes each atlas's ventricles outside the
+    patient's registered tumour when the tumour may hide some of the patient's."""
     atlases = list(atlas_set.atlases if isinstance(atlas_set, AtlasSet) else atlas_set)
     if not atlases:
         raise AtlasError("select_atlases: the atlas set is empty")
@@ -405,9 +409,14 @@ def select_atlases(atlas_set, patient_ventricle_ml: float,
         raise ValueError(f"select_atlases: max_atlases must be a positive integer, "
                          f"got {max_atlases!r}")
     need = min(int(min_atlases), int(max_atlases), len(atlases))
+    override = dict(atlas_ventricle_ml or {})
+    for name, ml in override.items():
+        if isinstance(ml, bool) or not isinstance(ml, (int, float)) or not math.isfinite(ml) or ml < 0:
+            raise ValueError(f"select_atlases: ventricle volume of atlas {name!r} must be a "
+                             f"non-negative number of mL, got {ml!r}")
 
     def ratio(a):
-        return a.ventricle_ml / v
+        return float(override.get(a.name, a.ventricle_ml)) / v
 
     def key(a):
         return (abs(math.log(ratio(a))) if ratio(a) > 0 else math.inf, a.name)

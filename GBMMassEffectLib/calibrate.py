@@ -19,7 +19,16 @@ Stages:
        O = 0 on edema; sparse_ic.solve_s1 → c0 (max 1), κ, ρ: one grid below 64³,
        coarse-to-fine from n/2 from 64³ on (job option s1.coarse_factor; 1 = one grid).
        Tumour term §5's (S1_TUMOR_MISFIT; "s1": {"tumor_misfit": "band"} as in S.3).
-  S.2  per atlas (chosen by ventricle volume, atlases.select_atlases): register patient →
+  Atlas choice (§6, atlases.select_atlases) by ventricle volume. When the whole tumour
+       touches the patient's ventricles (tumor_borders_ventricles), a tumour label may hide
+       some of them, and §6's visible-against-whole comparison then prefers atlases with small
+       ventricles (the tc-c demo patient shows 3.0 of its ventricles' mL: §6 picked the
+       8.8–11 mL variants for the 18.6 mL true atlas). Each atlas of the set is then
+       registered (S.2's affine stage, tumour masked) and its ventricles outside the
+       registered tumour are compared instead (_atlas_ventricles_outside_tumor; a deviation
+       from §6; the tc-b / tc-c demo patients: sri24, colin27 and variants of 20–32 mL; ~1.5 s
+       per atlas at n = 32). These registrations are S.2's own when S.2 is affine only.
+  S.2  per atlas: register patient →
        atlas (registration.register_patient_to_atlas on the tissue channels, or
        register_t1), tumor masked, affine only by default (S2_DEFORMABLE: a deformable
        stage would fit away the ventricles' compression that S.3 measures; job option
@@ -563,7 +572,7 @@ class CalibrationSetup:
     notes: list
     vt_ml: float
     chosen: list  # [(Atlas, why)]
-    registrations: dict  # atlas name → Registration from the T1 path (T1-only patients)
+    registrations: dict  # atlas name → S.2's Registration when made before S.1 (T1 path, atlas choice)
     geom_p: BoxGeometry
     c0_box: np.ndarray  # S.1's c0 on the patient box (max 1)
     c0_atoms_box: np.ndarray | None  # S.1's support atoms on the patient box, (s, n, n, n) (c0_refit)
@@ -625,6 +634,8 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
             job, patient, aset, reg_opt, box_spacing, P, cancel)
         tissue_source = f"derived from the best-registered atlas '{derived_from}' (no tissue segmentation given)"
         notes.append(f"patient tissue {tissue_source}")
+        if reg_opt["t1_deformable"] != reg_opt["deformable"]:
+            registrations = {}  # they carry the patient's data only when both stages agree
     else:
         tissue_img = patient.tissue
         chosen = None
@@ -632,8 +643,16 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     vt_ml = ventricle_volume_ml(tissue_img)
     if not vt_ml > 0:
         raise InputError("the patient has no ventricles (label 7) in its tissue map")
+    atlas_vt_ml = None
+    if chosen is None and not job.atlases and tumor_borders_ventricles(tissue_img, patient):
+        atlas_vt_ml, regs = _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box_spacing,
+                                                            P, cancel)
+        notes.append("the tumour borders the patient's ventricles: the atlas choice compared the visible "
+                     "ventricles with each atlas's ventricles outside the affinely registered tumour")
+        if reg_opt["deformable"] == "none":  # the same registrations S.2 would compute
+            registrations.update(regs)
     if chosen is None:
-        chosen = _choose_atlases(job, aset, vt_ml, select_atlases)
+        chosen = _choose_atlases(job, aset, vt_ml, select_atlases, atlas_ventricle_ml=atlas_vt_ml)
     timings["tissue_s"] = time.perf_counter() - t0
 
     # ---- S.1 on the patient's box --------------------------------------------------------
@@ -715,9 +734,9 @@ def calibrate_atlas(setup: CalibrationSetup, i: int, progress=None, cancel=None)
     ops = SpectralOps(job.grid, get_backend(job.device, job.precision))
     c0_img_p = setup.geom_p.image(setup.c0_box)
     try:
-        # a T1-only patient's registrations carry its data only when both stages agree;
-        # otherwise its derived tissue is registered again (affine only by default)
-        reuse = setup.registrations.get(atlas.name) if reg_opt["t1_deformable"] == reg_opt["deformable"] else None
+        # S.2's own registration when prepare_calibration already made it (T1 path with both
+        # stages alike, or the affine ones of the atlas choice); otherwise registered here
+        reuse = setup.registrations.get(atlas.name)
         atoms_p = None if setup.c0_atoms_box is None else \
             ([setup.geom_p.image(a) for a in setup.c0_atoms_box], setup.c0_weights)
         vols = _one_atlas(job, setup.patient, atlas, setup.tissue_img, setup.geom_p, c0_img_p,
@@ -883,7 +902,7 @@ def _box_data(ops, geom: BoxGeometry, patient: Patient):
     return d, O, core, edema
 
 
-def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False):
+def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False, atlas_ventricle_ml=None):
     atlases = [a for a in aset if a.t1_path is not None] if only_with_t1 else list(aset)
     if not atlases:
         raise InputError("no atlas of the set has a T1 image, which a T1-only patient needs")
@@ -894,8 +913,45 @@ def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False):
             raise InputError(f"atlas(es) {', '.join(missing)} not in the atlas set (have {', '.join(names)})")
         return [(names[n], "named in the job") for n in job.atlases]
     k = job.n_atlases
-    sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4)
-    return [(c.atlas, c.reason) for c in sel.choices]
+    sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4, atlas_ventricle_ml=atlas_ventricle_ml)
+    return [(c.atlas, c.reason + ("" if atlas_ventricle_ml is None else " (ventricles outside the tumour)"))
+            for c in sel.choices]
+
+
+def tumor_borders_ventricles(tissue_img: sitk.Image, patient: Patient) -> bool:
+    """Whether the whole tumour touches the patient's ventricles (label 7) within one voxel:
+    then a tumour label may hide ventricle under it, and the §6 ventricle volume is short."""
+    from scipy import ndimage
+
+    whole = _on_grid(patient.whole.astype(np.float32), patient.reference, tissue_img) > 0.5
+    vt = sitk.GetArrayViewFromImage(tissue_img) == 7
+    return bool((ndimage.binary_dilation(whole, np.ones((3, 3, 3), bool)) & vt).any())
+
+
+def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel):
+    """Each atlas's ventricle volume (mL) outside the patient's whole tumour, affinely
+    registered (S.2's tissue channels, tumour masked): what the patient's visible ventricle
+    volume is compared with when the tumour may hide some (a deviation from §6, which
+    compares whole volumes: a tumour hiding ventricles otherwise picks atlases with small
+    ones). Returns (name → mL, name → Registration)."""
+    from .registration import warp_to_atlas
+
+    aff = dict(reg_opt, deformable="none")
+    lo, hi = STAGE_SPAN["setup"]
+    tumor = io.image_like(patient.whole.astype(np.float32), patient.reference)
+    vols, regs = {}, {}
+    atlases = list(aset)
+    for j, atlas in enumerate(atlases):
+        check_cancel(cancel)
+        f0, f1 = lo + (hi - lo) * j / len(atlases), lo + (hi - lo) * (j + 1) / len(atlases)
+        reg = _register(job, patient, atlas, tissue_img, aff, box_spacing,
+                        P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False)
+        labels = atlas.read_labels()
+        hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
+        vt = sitk.GetArrayViewFromImage(labels) == 7
+        vols[atlas.name] = float(np.count_nonzero(vt & ~hidden)) * float(np.prod(labels.GetSpacing())) / 1000.0
+        regs[atlas.name] = reg
+    return vols, regs
 
 
 def _registration_spacing(reg_opt, atlas_img, box_spacing) -> float:

@@ -163,6 +163,18 @@ def test_select_cap_of_eight():
     assert len(A.select_atlases(atl, 20.0, max_atlases=3)) == 3
 
 
+def test_select_compares_given_atlas_volumes():
+    atl = [toy_atlas(f"a{v}", v) for v in (20, 22, 30, 40)]
+    # a tumour hides part of the patient's ventricles: its visible 15 mL against each
+    # atlas's volume outside the tumour (a40 keeps 17 mL there)
+    sel = A.select_atlases(atl, 15.0, max_atlases=1, min_atlases=1, atlas_ventricle_ml={"a40": 17.0})
+    assert sel.choices[0].atlas.name == "a40" and sel.choices[0].ratio == pytest.approx(17 / 15)
+    assert "17.0 mL" in sel.summary()
+    for bad in (-1.0, math.nan, "3"):
+        with pytest.raises(ValueError, match="atlas 'a20'"):
+            A.select_atlases(atl, 15.0, atlas_ventricle_ml={"a20": bad})
+
+
 def test_select_too_few_atlases_and_bad_input():
     atl = [toy_atlas("x", 30.0), toy_atlas("y", 5.0)]
     sel = A.select_atlases(atl, 20.0)

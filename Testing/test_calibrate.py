@@ -280,8 +280,9 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
 
 
 def test_sigterm_leaves_nothing(case, tmp_path):
-    """SIGTERM once the first atlas's outputs are written (S.2 of atlas 2 started): exit 143
-    within seconds, and the output folder is gone (nothing half written)."""
+    """SIGTERM once the first atlas's outputs are written (atlas 2's S.2 or, when its affine
+    registration was made for the atlas choice, its S.3 started): exit 143 within seconds,
+    and the output folder is gone (nothing half written)."""
     folder = _job(case, tmp_path / "job")
     out = folder / "out"
 
@@ -289,7 +290,7 @@ def test_sigterm_leaves_nothing(case, tmp_path):
         assert list(out.rglob("result.json")), "atlas 1 should have written its outputs"
 
     proc, lines, elapsed, _, _ = signal_cli_when(
-        ["calibrate", "--job", folder], lambda e: e.get("stage") == "S.2" and e.get("atlas") == 2,
+        ["calibrate", "--job", folder], lambda e: e.get("stage") in ("S.2", "S.3") and e.get("atlas") == 2,
         before_signal=atlas_1_written)
     assert proc.returncode == 143
     assert elapsed < 10
@@ -427,6 +428,52 @@ def test_ventricles_observed_leaves_out_the_tumour_and_one_voxel_around_it():
     # the tumour voxel and its six face neighbours (one dilation step), nothing else
     assert len(hidden) == 7 and np.abs(hidden - 4).sum(axis=1).max() == 1
     assert ventricles_observed(np.zeros((4, 4, 4))).min() == 1.0
+
+
+def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(case, tmp_path):
+    """A tumour over part of the patient's ventricles: the patient's own atlas, with the
+    tumour registered onto it, keeps about the visible ventricle volume (§6 would compare
+    the atlas's whole volume with the visible one and prefer atlases with small ventricles)."""
+    from GBMMassEffectLib.atlases import load_atlas_set, select_atlases, ventricle_volume_ml
+    from GBMMassEffectLib.calibrate import (_atlas_ventricles_outside_tumor, _as_progress, read_patient,
+                                            tumor_borders_ventricles)
+
+    tissue = sitk.ReadImage(str(case["tissue"]))  # the patient's flipped, shifted grid
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case["atlases"][0])))  # its anatomy, no tumour yet
+    k, j, i = np.argwhere(lab == 7)[len(np.argwhere(lab == 7)) // 2]
+    zz, yy, xx = np.indices(lab.shape)
+    r2 = (zz - k) ** 2 + (yy - j) ** 2 + (xx - i) ** 2
+    tumor = np.zeros_like(lab)
+    tumor[(r2 <= 49) & (lab > 0)] = 2
+    tumor[r2 <= 16] = 4
+    hidden_tissue = lab.copy()
+    hidden_tissue[tumor > 0] = 0
+    _write(tumor, tmp_path / "tumor.nrrd", like=tissue)
+    _write(hidden_tissue, tmp_path / "tissue.nrrd", like=tissue)
+    job = CalibrateJob.from_dict({"tumor_labels": str(tmp_path / "tumor.nrrd"),
+                                  "tissue_labels": str(tmp_path / "tissue.nrrd"),
+                                  "atlas_set": [str(p) for p in case["atlases"]], "grid": 32,
+                                  "out": str(tmp_path / "out"), "options": CHEAP})
+    patient = read_patient(job)
+    assert tumor_borders_ventricles(patient.tissue, patient)
+    # ventricles two voxels from the tumour: nothing hidden
+    near = scipy.ndimage.binary_dilation(tumor > 0, np.ones((3, 3, 3), bool), iterations=2)
+    far = hidden_tissue.copy()
+    far[near & (far == 7)] = 6
+    assert (far == 7).any() and not tumor_borders_ventricles(_write(far, tmp_path / "far.nrrd", like=tissue), patient)
+    aset = load_atlas_set([str(p) for p in case["atlases"]])
+    visible = ventricle_volume_ml(patient.tissue)
+    whole = aset[0].ventricle_ml
+    assert visible < 0.8 * whole  # the tumour hides over a fifth of them
+    vols, regs = _atlas_ventricles_outside_tumor(job, patient, aset, patient.tissue, job.registration_options(),
+                                                 256.0 / 32, _as_progress(None), None)
+    assert set(vols) == set(regs) == {a.name for a in aset}
+    own = vols[aset[0].name]
+    assert abs(own - visible) < 0.1 * visible, (own, visible, whole)
+    assert all(vols[a.name] < a.ventricle_ml for a in aset)
+    # with the volumes outside the tumour the patient's own atlas is the nearest
+    sel = select_atlases(aset, visible, max_atlases=1, min_atlases=1, atlas_ventricle_ml=vols)
+    assert sel.choices[0].atlas.name == aset[0].name and abs(sel.choices[0].ratio - own / visible) < 1e-12
 
 
 def _t1_from_labels(lab):
