@@ -933,7 +933,8 @@ def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box
     registered (S.2's tissue channels, tumour masked): what the patient's visible ventricle
     volume is compared with when the tumour may hide some (a deviation from §6, which
     compares whole volumes: a tumour hiding ventricles otherwise picks atlases with small
-    ones). Returns (name → mL, name → Registration)."""
+    ones). Returns (name → mL, name → Registration); an atlas whose registration fails is
+    left out of both (§6 then compares its whole volume; its S.2 runs again and drops it)."""
     from .registration import warp_to_atlas
 
     aff = dict(reg_opt, deformable="none")
@@ -944,8 +945,11 @@ def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box
     for j, atlas in enumerate(atlases):
         check_cancel(cancel)
         f0, f1 = lo + (hi - lo) * j / len(atlases), lo + (hi - lo) * (j + 1) / len(atlases)
-        reg = _register(job, patient, atlas, tissue_img, aff, box_spacing,
-                        P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False)
+        try:
+            reg = _register(job, patient, atlas, tissue_img, aff, box_spacing,
+                            P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False)
+        except (ValueError, RuntimeError):  # a failed registration drops the atlas in S.2, not here
+            continue
         labels = atlas.read_labels()
         hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
         vt = sitk.GetArrayViewFromImage(labels) == 7

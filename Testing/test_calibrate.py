@@ -430,7 +430,7 @@ def test_ventricles_observed_leaves_out_the_tumour_and_one_voxel_around_it():
     assert ventricles_observed(np.zeros((4, 4, 4))).min() == 1.0
 
 
-def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(case, tmp_path):
+def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(case, tmp_path, monkeypatch):
     """A tumour over part of the patient's ventricles: the patient's own atlas, with the
     tumour registered onto it, keeps about the visible ventricle volume (§6 would compare
     the atlas's whole volume with the visible one and prefer atlases with small ventricles)."""
@@ -474,6 +474,21 @@ def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(c
     # with the volumes outside the tumour the patient's own atlas is the nearest
     sel = select_atlases(aset, visible, max_atlases=1, min_atlases=1, atlas_ventricle_ml=vols)
     assert sel.choices[0].atlas.name == aset[0].name and abs(sel.choices[0].ratio - own / visible) < 1e-12
+    # an atlas whose registration fails is left out (§6's whole volume for it), not fatal
+    import GBMMassEffectLib.calibrate as C
+    from GBMMassEffectLib.registration import RegistrationError
+
+    real = C._register
+
+    def failing(job, patient, atlas, *a, **kw):
+        if atlas.name == aset[1].name:
+            raise RegistrationError("no overlap")
+        return real(job, patient, atlas, *a, **kw)
+
+    monkeypatch.setattr(C, "_register", failing)
+    vols2, regs2 = _atlas_ventricles_outside_tumor(job, patient, aset, patient.tissue,
+                                                   job.registration_options(), 256.0 / 32, _as_progress(None), None)
+    assert set(vols2) == set(regs2) == {aset[0].name} and vols2[aset[0].name] == own
 
 
 def _t1_from_labels(lab):
