@@ -935,6 +935,7 @@ def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box
     compares whole volumes: a tumour hiding ventricles otherwise picks atlases with small
     ones). Returns (name → mL, name → Registration); an atlas whose registration fails is
     left out of both (§6 then compares its whole volume; its S.2 runs again and drops it)."""
+    from .atlases import ventricle_volume_ml
     from .registration import warp_to_atlas
 
     aff = dict(reg_opt, deformable="none")
@@ -945,15 +946,16 @@ def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box
     for j, atlas in enumerate(atlases):
         check_cancel(cancel)
         f0, f1 = lo + (hi - lo) * j / len(atlases), lo + (hi - lo) * (j + 1) / len(atlases)
+        labels = atlas.read_labels()
         try:
             reg = _register(job, patient, atlas, tissue_img, aff, box_spacing,
-                            P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False)
+                            P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False,
+                            atlas_labels=labels)
         except (ValueError, RuntimeError):  # a failed registration drops the atlas in S.2, not here
             continue
-        labels = atlas.read_labels()
         hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
-        vt = sitk.GetArrayViewFromImage(labels) == 7
-        vols[atlas.name] = float(np.count_nonzero(vt & ~hidden)) * float(np.prod(labels.GetSpacing())) / 1000.0
+        outside = np.where(hidden, 0, sitk.GetArrayViewFromImage(labels))
+        vols[atlas.name] = ventricle_volume_ml(outside, labels.GetSpacing())
         regs[atlas.name] = reg
     return vols, regs
 
@@ -964,11 +966,13 @@ def _registration_spacing(reg_opt, atlas_img, box_spacing) -> float:
     return max(min(atlas_img.GetSpacing()), box_spacing / 2.0)
 
 
-def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, cancel, use_t1: bool):
-    """S.2 for one atlas on isotropic registration grids (see the module docstring)."""
+def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, cancel, use_t1: bool,
+              atlas_labels: sitk.Image | None = None):
+    """S.2 for one atlas on isotropic registration grids (see the module docstring);
+    atlas_labels: the atlas's label map when the caller has read it already."""
     from .registration import register_patient_to_atlas, register_t1
 
-    atlas_labels = atlas.read_labels()
+    atlas_labels = atlas.read_labels() if atlas_labels is None else atlas_labels
     s = _registration_spacing(reg_opt, atlas_labels, box_spacing)
     a_grid = iso_grid(atlas_labels, s)
     tumor_mask = io.image_like(patient.whole.astype(np.float32), patient.reference)
