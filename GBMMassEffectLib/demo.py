@@ -69,7 +69,6 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     from .backend import get_backend
     from .calibrate import CalibrateJob, CalibrateOutputs, run_calibrate
     from .io import read_image
-    from .simulate import SimulateOptions, run_simulate
 
     stream = stream or sys.stdout
     t_start = time.perf_counter()
@@ -105,21 +104,13 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     pdir = os.path.join(out, "patient")
     pset = CalibrateOutputs(pdir)
     outs.sets.append(pset)
-    sim = SimulateOptions(labels=str(true.labels_path), out=pdir, preset=opt.preset, grid=grid,
-                          device=opt.device, random_seed=opt.seed)
-    from .presets import get_preset
-
-    pr = get_preset(opt.preset)
-    sim.kappa, sim.rho, sim.gamma = pr.kappa, pr.rho, pr.gamma
-
     def sim_progress(stage, fraction, message, **extra):
         on_progress({"stage": f"simulate:{stage}", "fraction": 0.1 * fraction, "message": message})
 
-    run_simulate(sim, pset, progress=sim_progress, cancel=cancel)
-    truth = json.load(open(os.path.join(pdir, "ground_truth.json"), encoding="utf-8"))
+    truth, tissue = simulate_patient(true, pdir, pset, opt.preset, grid, opt.device, opt.seed,
+                                     progress=sim_progress, cancel=cancel)
 
     # 2. calibration
-    tissue = deformed_tissue(true.read_labels(), pdir, pset)
     vt_ml = ventricle_volume_ml(read_image(tissue, "patient labels"))
     if opt.full:
         others = [c.atlas.name for c in select_atlases([a for a in aset if a.name != true.name], vt_ml,
@@ -157,6 +148,23 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
     cset.write_json(os.path.join(out, "demo_summary.json"), summary)
     say(format_summary(summary))
     return os.path.join(cdir, "report.json")
+
+
+def simulate_patient(true, pdir: str, outputs, preset: str, grid: int, device: str = "cpu", seed: int = 0,
+                     progress=None, cancel=None) -> tuple[dict, str]:
+    """The demo's synthetic patient: `simulate --preset` on the atlas `true` into pdir, and
+    its tissue labels (deformed_tissue). Returns (ground_truth.json's dict, the tissue path)."""
+    from .presets import get_preset
+    from .simulate import SimulateOptions, run_simulate
+
+    sim = SimulateOptions(labels=str(true.labels_path), out=pdir, preset=preset, grid=grid,
+                          device=device, random_seed=seed)
+    pr = get_preset(preset)
+    sim.kappa, sim.rho, sim.gamma = pr.kappa, pr.rho, pr.gamma
+    run_simulate(sim, outputs, progress=progress, cancel=cancel)
+    with open(os.path.join(pdir, "ground_truth.json"), encoding="utf-8") as f:
+        truth = json.load(f)
+    return truth, deformed_tissue(true.read_labels(), pdir, outputs)
 
 
 def deformed_tissue(healthy, pdir: str, outputs) -> str:

@@ -8,7 +8,7 @@ What `gbm-calibrate demo` does before it calibrates (demo.py), without the calib
 `simulate --preset P --grid N` on the bundled true atlas (the patient, written to
 OUT/patient: BraTS labels drawn from c(1), the T1, ground_truth.json), the patient's tissue
 labels (the atlas's labels moved by the simulated displacement, tumour labels on top:
-demo.deformed_tissue), and OUT/job.json for `calibrate --job OUT`: those labels, grid N,
+demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those labels, grid N,
 the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
 OUT/out/report.json with OUT/patient/ground_truth.json (γ, ρ, κ, max_u_mm)."""
 from __future__ import annotations
@@ -24,9 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib.atlases import load_atlas_set  # noqa: E402
 from GBMMassEffectLib.calibrate import CalibrateOutputs  # noqa: E402
-from GBMMassEffectLib.demo import TRUE_ATLAS, deformed_tissue  # noqa: E402
-from GBMMassEffectLib.presets import PRESETS, get_preset  # noqa: E402
-from GBMMassEffectLib.simulate import SimulateOptions, run_simulate  # noqa: E402
+from GBMMassEffectLib.demo import TRUE_ATLAS, simulate_patient  # noqa: E402
+from GBMMassEffectLib.presets import PRESETS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,13 +41,7 @@ def main(argv=None) -> int:
 
     true = load_atlas_set("bundled")[TRUE_ATLAS]
     pdir = os.path.abspath(args.out / "patient")
-    outputs = CalibrateOutputs(pdir)
-    sim = SimulateOptions(labels=str(true.labels_path), out=pdir, preset=args.preset, grid=args.grid,
-                          device="cpu", random_seed=args.seed)
-    p = get_preset(args.preset)
-    sim.kappa, sim.rho, sim.gamma = p.kappa, p.rho, p.gamma
-    run_simulate(sim, outputs)
-    tissue = deformed_tissue(true.read_labels(), pdir, outputs)
+    truth, tissue = simulate_patient(true, pdir, CalibrateOutputs(pdir), args.preset, args.grid, "cpu", args.seed)
     s3 = {"hessian": False}
     if args.s3_maxiter:
         s3["maxiter"] = args.s3_maxiter
@@ -60,7 +53,6 @@ def main(argv=None) -> int:
     else:
         job["n_atlases"] = args.n_atlases
     (args.out / "job.json").write_text(json.dumps(job, indent=2))
-    truth = json.loads((pathlib.Path(pdir) / "ground_truth.json").read_text())
     print(f"patient {pdir}: γ {truth['gamma']}, ρ {truth['rho']}, κ {truth['kappa']}, "
           f"max|u| {truth['max_u_mm']:.2f} mm; job {args.out / 'job.json'}")
     return 0
