@@ -346,7 +346,8 @@ class Patient:
     core: np.ndarray | None  # tumor core indicator on the patient grid (float32 0/1)
     edema: np.ndarray | None
     concentration: np.ndarray | None
-    whole: np.ndarray  # bool: tumor (core ∪ edema, or c > 0.1)
+    whole: np.ndarray  # bool: where the tumour hides the tissue (core ∪ edema, or c > 0.1;
+    #                    ∪ the tissue map's tumour labels)
     tissue: sitk.Image | None  # canonical labels 0/5/6/7/8 (tumor voxels: as given)
     t1: sitk.Image | None
     tumor_source: str
@@ -366,6 +367,18 @@ def _same_grid_or_fail(img: sitk.Image, ref: sitk.Image, what: str, ref_what: st
                 if not np.allclose(g[k], r[k], atol=1e-3 if k == "origin" else 1e-4)]
         raise InputError(f"mismatched geometry: the {what} and the {ref_what} are not on one grid "
                          f"(they differ in {', '.join(diff) or 'geometry'}); resample them onto one grid")
+
+
+def _holes_around(labelled: np.ndarray, tumour: np.ndarray) -> np.ndarray:
+    """The unlabelled voxels enclosed by the brain (labelled ∪ tumour) in the components
+    that hold tumour voxels: the hole a tissue map leaves under a tumour (other small
+    interior holes of a segmentation stay as they are)."""
+    from scipy import ndimage
+
+    holes = ndimage.binary_fill_holes(labelled | tumour) & ~labelled
+    comp, _ = ndimage.label(holes)
+    keep = np.unique(comp[tumour & holes])
+    return np.isin(comp, keep[keep > 0])
 
 
 def read_patient(job: CalibrateJob) -> Patient:
@@ -416,6 +429,13 @@ def read_patient(job: CalibrateJob) -> Patient:
             raise InputError(f"the tissue label map {job.tissue_labels} has no ventricles "
                              f"(label {sv['vt']}); the atlas choice and S.3 need them")
         tissue = io.image_like(canon, raw)
+        # Tumour labels in the tissue map, and an unlabelled hole inside the brain that holds
+        # the tumour, hide the tissue there too (canon 0): they join the whole tumour for
+        # S.1's brain, S.2's mask and S.3's ventricle mask. Left out, a concentration input
+        # (whole = c > 0.1) left the labelled ring 0.02 < c < 0.1 unmasked, and the affine
+        # S.2 registered a patient onto its own atlas 60 mm off (Dice of the ventricles 0.05).
+        whole = whole | np.isin(a, list(tv.values()))
+        whole = whole | _holes_around(canon > 0, whole)
     if job.t1:
         t1 = io.read_image(job.t1, "T1")
         _same_grid_or_fail(t1, ref, "T1", "tumor input")

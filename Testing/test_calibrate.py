@@ -536,3 +536,37 @@ def test_clinical_like_t1_and_binary_mask(case, tmp_path):
     assert (tmp_path / "out" / "patient_tissue_labels.nrrd").is_file()
     for name in OUTPUTS:
         same_geometry(sitk.ReadImage(str(tmp_path / "out" / name)), thick)
+
+
+def test_tissue_map_tumour_labels_and_holes_join_the_whole_tumour(case, tmp_path):
+    """A concentration input (whole tumour c > 0.1) smaller than the tumour of the tissue
+    map: its tumour labels, or the unlabelled hole a tissue map leaves under a tumour, join
+    the whole tumour (S.1's brain, S.2's mask, S.3's ventricle mask). Left out, the demo
+    patient's labelled ring 0.02 < c < 0.1 stayed unmasked and the affine S.2 put the
+    patient 60 mm off its own atlas (README, Accuracy)."""
+    from GBMMassEffectLib.calibrate import read_patient
+
+    tumor_img = sitk.ReadImage(str(case["tumor"]))
+    k, j, i = np.argwhere(sitk.GetArrayFromImage(tumor_img) == 1).mean(0)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case["atlases"][0])))  # the patient's anatomy
+    zz, yy, xx = np.indices(lab.shape)
+    r = np.sqrt((zz - k) ** 2 + (yy - j) ** 2 + (xx - i) ** 2)
+    # a tumour of radius 8 voxels inside the brain, c > 0.1 within radius 5.5 only
+    big = np.where((r <= 8) & (lab > 0), 2, 0).astype(np.uint8)
+    big[r <= 5] = 4
+    conc = np.where(lab > 0, np.exp(-(r / 3.62) ** 2), 0).astype(np.float32)
+    assert (conc > 0.1).sum() < 0.5 * (big > 0).sum()
+    labelled, holes = lab.copy(), lab.copy()
+    labelled[big > 0] = big[big > 0]
+    holes[big > 0] = 0
+    _write(conc, tmp_path / "c.nrrd", like=tumor_img)  # the patient's flipped, shifted grid
+    for name, tissue in (("labelled", labelled), ("holes", holes)):
+        _write(tissue, tmp_path / f"tissue_{name}.nrrd", like=tumor_img)
+        job = CalibrateJob.from_dict({"tumor_concentration": str(tmp_path / "c.nrrd"),
+                                      "tissue_labels": str(tmp_path / f"tissue_{name}.nrrd"),
+                                      "atlas_set": [str(case["atlases"][0])], "grid": 32,
+                                      "out": str(tmp_path / "out"), "options": CHEAP})
+        p = read_patient(job)
+        assert p.whole[big > 0].all(), name
+        assert not p.whole[(lab > 0) & (r > 9)].any(), name  # the healthy tissue stays
+        assert not p.whole[lab == 0].any(), name  # and so does the outside of the brain

@@ -6,9 +6,10 @@
 
 What `gbm-calibrate demo` does before it calibrates (demo.py), without the calibration:
 `simulate --preset P --grid N` on the bundled true atlas (the patient, written to
-OUT/patient: BraTS labels drawn from c(1), the T1, ground_truth.json), the patient's tissue
+OUT/patient: BraTS labels drawn from c(1), c(1) itself, the T1, ground_truth.json), the patient's tissue
 labels (the atlas's labels moved by the simulated displacement, tumour labels on top:
-demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those labels, grid N,
+demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those labels (or, with `--data concentration`,
+c(1) as the tumour input), grid N,
 the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
 OUT/out/report.json with OUT/patient/ground_truth.json (γ, ρ, κ, max_u_mm)."""
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--atlases", nargs="*", default=None, help="atlases to name in the job (default: §6's choice)")
     ap.add_argument("--n-atlases", type=int, default=2, help="atlases §6 chooses when none are named")
     ap.add_argument("--s3-maxiter", type=int, default=None, help="S.3 iteration cap (default calibrate's)")
+    ap.add_argument("--data", choices=("labels", "concentration"), default="labels",
+                    help="the job's tumour input: simulate's BraTS labels (the demo's) or its c(1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -45,7 +48,9 @@ def main(argv=None) -> int:
     s3 = {"hessian": False}
     if args.s3_maxiter:
         s3["maxiter"] = args.s3_maxiter
-    job = {"tumor_labels": os.path.join(pdir, "tumor_labels.nrrd"), "tissue_labels": tissue,
+    tumor = {"labels": ("tumor_labels", "tumor_labels.nrrd"),
+             "concentration": ("tumor_concentration", "tumor_concentration.nrrd")}[args.data]
+    job = {tumor[0]: os.path.join(pdir, tumor[1]), "tissue_labels": tissue,
            "t1": os.path.join(pdir, "t1.nrrd"), "grid": args.grid, "device": "cpu", "seed": args.seed,
            "out": os.path.abspath(args.out / "out"), "options": {"s3": s3}}
     if args.atlases:
