@@ -23,7 +23,8 @@ Affine and B-spline stages (ImageRegistrationMethod) use the binary moving mask
 With {w ≥ 0.5} the mask's edge was the tumour's own edge, the tumour's outer voxels (holes
 in the patient's tissue channels) entered the metric, and the affine of a synthetic patient
 onto its own atlas came out 1–1.5 mm and 3% shear off the identity (the TC(b) demo patient,
-grid 32); S.3 read that as γ 0.29 for 0.4 even from the true c0. With 0.95: 0.1–0.2 mm. Demons filters take no mask; per block of demons iterations:
+grid 32); S.3 read that as γ 0.29 for 0.4 even from the true c0. With 0.95: 0.1–0.2 mm.
+Demons filters take no mask; per block of demons iterations:
 (1) the *fixed* image is replaced inside the currently warped tumour by the warped
 patient, f' = (w∘φ)·f + (1 − w∘φ)·(m∘φ), so the force ∝ f' − m∘φ is scaled by w∘φ;
 (2) the block's update δ is kept with weight w∘φ and, in the tumour, replaced by its

@@ -543,7 +543,7 @@ def test_tissue_map_tumour_labels_and_holes_join_the_whole_tumour(case, tmp_path
     map: its tumour labels, or the unlabelled hole a tissue map leaves under a tumour, join
     the whole tumour (S.1's brain, S.2's mask, S.3's ventricle mask). Left out, the demo
     patient's labelled ring 0.02 < c < 0.1 stayed unmasked and the affine S.2 put the
-    patient 60 mm off its own atlas (README, Accuracy)."""
+    patient 60 mm off its own atlas (benchmarks/ACCURACY.md, last section)."""
     from GBMMassEffectLib.calibrate import read_patient
 
     tumor_img = sitk.ReadImage(str(case["tumor"]))
