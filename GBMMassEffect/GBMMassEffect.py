@@ -783,6 +783,8 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
             label = str(entry.get("name", entry.get("atlas", index + 1)))
             if entry.get("dropped"):
                 label += " (dropped)"
+            elif entry.get("warnings"):  # e.g. a poor S.2 registration (report notes say which)
+                label += " (check registration)"
             rows.append([label] + values(entry))
         summary = report.get("summary", report)
         for key in ("mean", "std"):
@@ -1268,17 +1270,19 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
     def test_ParameterRows(self):
         report = {"atlases": [{"name": "a1", "parameters": {"kappa": 0.02, "rho": 10.0, "gamma": 0.5}, "max_u_mm": 4.0},
                               {"name": "a2", "kappa": 0.03, "rho": 12.0, "gamma": 0.7, "max_u_mm": 6.0,
-                               "dropped": "registration failed"}],
+                               "dropped": "registration failed"},
+                              {"name": "a3", "kappa": 0.02, "rho": 9.0, "gamma": 0.4, "max_u_mm": 3.0,
+                               "dropped": None, "warnings": ["the S.2 registration looks poor"]}],
                   "mean": {"kappa": 0.025, "rho": 11.0, "gamma": 0.6, "max_u_mm": 5.0},
                   "std": {"kappa": 0.005, "rho": 1.0, "gamma": 0.1, "max_u_mm": 1.0}}
         rows = GBMMassEffectLogic.parameterRows(report)
-        self.assertEqual([r[0] for r in rows], ["a1", "a2 (dropped)", "mean", "std"])
+        self.assertEqual([r[0] for r in rows], ["a1", "a2 (dropped)", "a3 (check registration)", "mean", "std"])
         self.assertEqual(rows[0][1:], [0.02, 10.0, 0.5, 4.0])
-        self.assertEqual(rows[2][1:], [0.025, 11.0, 0.6, 5.0])
+        self.assertEqual(rows[3][1:], [0.025, 11.0, 0.6, 5.0])
         table = GBMMassEffectLogic().createParameterTable(report)
-        self.assertEqual(table.GetNumberOfRows(), 4)
+        self.assertEqual(table.GetNumberOfRows(), 5)
         self.assertEqual(table.GetNumberOfColumns(), 5)
-        self.assertAlmostEqual(float(table.GetCellText(3, 3)), 0.1)
+        self.assertAlmostEqual(float(table.GetCellText(4, 3)), 0.1)  # the std row's γ
 
     def test_SampleCase(self):
         """The sample case: T1 and BraTS tumor segments from a preset forward run, on the

@@ -866,7 +866,7 @@ class CalibrationAssembly:
             "units": {"kappa, rho, gamma": "paper (non-dimensional; box edge 2π = box_mm)",
                       "max_u_mm": "mm",
                       "displacement": "LPS mm on the patient grid; deformed(x) ≈ healthy(x − u(x))"},
-            "notes": setup.notes,
+            "notes": setup.notes + [f"atlas {e['name']}: {w}" for e in entries for w in e.get("warnings", ())],
             "timings": timings,
             "device": {"name": backend.name, "device": backend.device_name, "requested": job.device},
             "versions": _versions(backend),
@@ -1055,7 +1055,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     from .forward import ForwardParams, run_forward
     from .mass_effect_inversion import invert_mass_effect
     from .observation import observation_operator, tumor_data
-    from .registration import warp_to_atlas, warp_to_patient
+    from .registration import poor_registration, warp_to_atlas, warp_to_patient
     from .simulate import box_tissues
 
     span = a_hi - a_lo
@@ -1067,6 +1067,10 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     check_cancel(cancel)
     entry["registration"] = {"method": reg.method, "quality": reg.quality, "metric": reg.metric,
                              "inverse_error_mm": reg.inverse_error_mm, "timings": reg.timings, "notes": reg.notes}
+    warning = poor_registration(reg.quality)
+    if warning:
+        entry.setdefault("warnings", []).append(warning)
+        P("S.2", a_lo, r_hi, 1.0, f"atlas {atlas.name}: {warning}", atlas=entry["index"])
     atlas_labels = atlas.read_labels()
     try:
         geom_a = box_for_image(atlas_labels, job.grid, job.box_mm)

@@ -132,6 +132,23 @@ def test_recovers_known_smooth_deformation(demons_reg, synthetic, atlas_labels):
     assert reg.method == "affine+demons" and reg.timings["total"] > 0
 
 
+def test_brain_dice_flags_a_patient_left_far_off(demons_reg, atlas_channels):
+    """poor_registration: silent for the good registration above and for the atlas on
+    itself, a one-line warning when the warped brain sits 35 mm off the atlas's."""
+    reg, _ = demons_reg
+    assert reg.quality["dice_brain"] > 0.9 and R.poor_registration(reg.quality) is None
+    same = R.registration_quality(atlas_channels, atlas_channels)
+    assert same["dice_brain"] == pytest.approx(1.0) and R.poor_registration(same) is None
+    off = {k: sitk.Resample(v, v, sitk.TranslationTransform(3, (35.0, 0.0, 0.0)), sitk.sitkLinear, 0.0)
+           for k, v in atlas_channels.items()}
+    q = R.registration_quality(atlas_channels, off)
+    print(f"brain Dice: good {reg.quality['dice_brain']:.3f}, 35 mm off {q['dice_brain']:.3f}")
+    assert q["dice_brain"] < R.BRAIN_DICE_POOR
+    warning = R.poor_registration(q)
+    assert warning and "brain Dice" in warning and "\n" not in warning
+    assert R.poor_registration({"ncc": 0.9, "score": 0.9}) is None  # T1: no brain Dice measured
+
+
 def test_inverse_composes_to_identity(demons_reg, synthetic, atlas_labels):
     """(b) inverse ∘ forward ≈ id on the atlas brain; forward ∘ inverse ≈ id on the patient."""
     reg, _ = demons_reg
