@@ -14,7 +14,10 @@ All patient images must share one grid (the "patient grid", that of the tumor in
 every output lies on it.
 
 Stages:
-  S.1  on the patient in the patient's n³ box: tissue fractions with the tumor counted as
+  S.1  on the patient in the patient's n³ box (geometry.anchored_box: axes along the
+       patient's nearest LPS axes, centre on a multiple of two box voxels, so that one
+       anatomy gets one box and one candidate lattice however it is stored: oblique,
+       flipped or another field of view): tissue fractions with the tumor counted as
        white matter, d = tumor-core indicator smoothed one voxel (or the concentration),
        O = 0 on edema; sparse_ic.solve_s1 → c0 (max 1), κ, ρ: one grid below 64³,
        coarse-to-fine from n/2 from 64³ on (job option s1.coarse_factor; 1 = one grid).
@@ -93,7 +96,7 @@ import SimpleITK as sitk
 
 from . import aggregate, io
 from .backend import get_backend, to_numpy
-from .geometry import BoxGeometry, box_for_image
+from .geometry import BoxGeometry, anchored_box, box_for_image
 from .progress import OutputSet, check_cancel
 
 S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0_refit)
@@ -682,7 +685,7 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
         sitk.Resample(tissue_img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     brain = np.isin(sitk.GetArrayViewFromImage(tissue_on_ref), [5, 6, 7, 8]) | patient.whole
     try:
-        geom_p = box_for_image(ref, job.grid, job.box_mm, mask=brain)
+        geom_p = anchored_box(ref, job.grid, job.box_mm, mask=brain)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     s1_labels = tissue_arr.copy()

@@ -13,7 +13,9 @@ from GBMMassEffectLib import io
 from GBMMassEffectLib.geometry import (
     BoxGeometry,
     GeometryError,
+    anchored_box,
     box_for_image,
+    nearest_axes,
     orthonormal_direction,
 )
 
@@ -345,3 +347,82 @@ def test_box_tissues_counts_tumor_as_white_matter(glia_testdata, tmp_path):
     assert 0.0 <= t_ref.bg.min() and t_ref.bg.max() <= 1.0 + 1e-9
     core = geom.label_fraction(img2, (1, 4))
     assert core.sum() * h3 == pytest.approx(np.isin(a2, (1, 4)).sum() * 64.0, rel=2e-3)
+
+
+def _stored(img: sitk.Image, direction, spacing, interp=sitk.sitkNearestNeighbor) -> sitk.Image:
+    """img resampled onto a grid with the given direction and spacing covering it."""
+    import itertools
+
+    D = np.asarray(direction, float)
+    size = np.asarray(img.GetSize())
+    corners = np.array([img.TransformContinuousIndexToPhysicalPoint([float(c) for c in cc])
+                        for cc in itertools.product(*[(-0.5, s - 0.5) for s in size])]) @ D
+    lo, hi = corners.min(0), corners.max(0)
+    sp = np.asarray(spacing, float)
+    ref = sitk.Image([int(v) for v in np.ceil((hi - lo) / sp)], img.GetPixelID())
+    ref.SetSpacing(sp.tolist())
+    ref.SetDirection(D.ravel().tolist())
+    ref.SetOrigin((D @ (lo + sp / 2)).tolist())
+    return sitk.Resample(img, ref, sitk.Transform(), interp, 0)
+
+
+def test_anchored_box_is_one_box_for_every_storage_of_one_anatomy(glia_testdata, tmp_path):
+    """calibrate's patient box (anchored_box): the same anatomy stored straight, flipped,
+    with another field of view, or oblique, left-handed and anisotropic gets the same box
+    centre, axes that are a signed permutation of LPS, voxel centres on one physical
+    lattice and S.1's even-index lattice on (2L/n)·Z³; the tissue it samples agrees."""
+    img = io.read_label_map(atlas_nifti(glia_testdata, tmp_path))  # 4 mm, 64³, identity
+    a = io.array(img)
+    flipped = io.make_image(a[:, ::-1, ::-1], img.GetSpacing(),
+                            img.TransformIndexToPhysicalPoint((63, 63, 0)), DIRECTIONS["ras_like"])
+    padded = sitk.ConstantPad(img, (5, 0, 3), (0, 7, 2), 0)  # another field of view
+    oblique = _stored(img, DIRECTIONS["left_handed"] @ DIRECTIONS["oblique"], (3.0, 4.5, 2.5))
+    n, L = 32, 256.0
+    boxes = {name: anchored_box(im, n, L, io.array(im) > 0)
+             for name, im in [("straight", img), ("flipped", flipped), ("padded", padded), ("oblique", oblique)]}
+    h = L / n
+    ref_labels = boxes["straight"].to_box(img, "label")
+    for name, geom in boxes.items():
+        assert np.allclose(geom.center, boxes["straight"].center, atol=1e-6), name
+        assert np.allclose(np.abs(geom.D), np.abs(geom.D).round()) and abs(abs(np.linalg.det(geom.D)) - 1) < 1e-9
+        even = np.array([geom.index_to_physical(ijk) for ijk in [(0, 0, 0), (2, 4, 6), (30, 16, 8)]])
+        assert np.allclose(even / (2 * h), np.round(even / (2 * h)), atol=1e-6), name
+        # the same physical sample points: resampling the straight image onto each box gives
+        # the straight box's labels, up to the box's axis order and signs
+        mine = geom.to_box(img, "label")
+        assert sorted(np.unique(mine).tolist()) == [0, 5, 6, 7, 8]
+        assert np.array_equal(np.sort(mine.ravel()), np.sort(ref_labels.ravel())), name
+    # the oblique copy's own labels (nearest neighbour at 3 × 4.5 × 2.5 mm) sample the same tissue
+    agree = (boxes["oblique"].to_box(oblique, "label") == boxes["oblique"].to_box(img, "label")).mean()
+    assert agree > 0.9
+    # the image-aligned box of the oblique copy is oblique and off the lattice
+    assert not np.allclose(np.abs(box_for_image(oblique, n, L, mask=io.array(oblique) > 0).D).round(),
+                           np.abs(box_for_image(oblique, n, L, mask=io.array(oblique) > 0).D), atol=1e-3)
+
+
+def test_anchored_box_falls_back_when_the_rounded_centre_does_not_fit():
+    """A brain that fits only when the box is centred on it exactly gets box_for_image's box."""
+    a = np.zeros((20, 20, 40), np.uint8)
+    a[5:15, 5:15, 5:30] = 6  # 25 voxels of 2 mm: x from 10 to 60 mm, centre 35 mm
+    img = io.make_image(a, (2.0, 2.0, 2.0), origin=(1.0, 1.0, 1.0))
+    # 4 mm box voxels, the centre at index 8: with one voxel of margin the brain may reach
+    # 30 mm below and 26 mm above the centre; rounded to 32 mm it would reach 28 mm above
+    n, L = 16, 64.0
+    geom = anchored_box(img, n, L, a > 0)
+    exact = box_for_image(img, n, L, mask=a > 0)
+    assert geom.center[0] == pytest.approx(35.0) and np.allclose(geom.center, exact.center)
+    assert np.allclose(geom.D, exact.D)
+    a[5:15, 5:15, 8:20] = 0
+    a[5:15, 5:15, 8:9] = 6  # same extent; the anchored box fits when its rounded centre is near
+    img2 = io.make_image(a, (2.0, 2.0, 2.0), origin=(-3.0, 1.0, 1.0))  # x centre 31 mm → 32
+    assert anchored_box(img2, n, L, a > 0).center[0] == pytest.approx(32.0)
+    with pytest.raises(GeometryError, match="even integer"):
+        anchored_box(img, 15, L, a > 0)
+
+
+def test_nearest_axes():
+    assert np.array_equal(nearest_axes(DIRECTIONS["ras_like"]), np.diag([-1.0, -1.0, 1.0]))
+    P = nearest_axes(DIRECTIONS["left_handed"])
+    assert np.array_equal(P, np.diag([1.0, -1.0, 1.0]))
+    perm = np.array([[0.0, 1, 0], [0, 0, -1], [1, 0, 0]])
+    assert np.array_equal(nearest_axes(rotation((1, 1, 1), 10.0) @ perm), perm)
