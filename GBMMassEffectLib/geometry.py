@@ -281,8 +281,10 @@ def anchored_box(image: sitk.Image, n: int, box_mm: float, mask: np.ndarray,
     where the same patient stored straight gave 3% over: S.1's c0 moved with the lattice.)
     Falls back to box_for_image's image-aligned box when the anchored one does not fit."""
     _check_box(n, box_mm)
+    from scipy import ndimage
+
     m = np.asarray(mask, bool)
-    nz = np.argwhere(m)
+    nz = np.argwhere(m & ~ndimage.binary_erosion(m))  # the boundary has the mask's extent
     if nz.size == 0:
         raise GeometryError("the label map has no non-background voxels to centre the box on")
     D_img = np.asarray(image.GetDirection(), float).reshape(3, 3)
