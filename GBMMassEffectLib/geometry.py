@@ -234,13 +234,18 @@ def mask_extent_in_box(geom: BoxGeometry, image: sitk.Image, mask: np.ndarray) -
     return corners.min(0), corners.max(0)
 
 
+def _inside(geom: BoxGeometry, lo, hi, margin_voxels: float) -> bool:
+    """Whether continuous box indices lo … hi (per axis) keep margin_voxels from the faces."""
+    lim_lo, lim_hi = -0.5 + margin_voxels, geom.n - 0.5 - margin_voxels
+    return not ((np.asarray(lo) < lim_lo - 1e-9).any() or (np.asarray(hi) > lim_hi + 1e-9).any())
+
+
 def check_fits(geom: BoxGeometry, image: sitk.Image, mask: np.ndarray, margin_voxels: float = 1.0,
                what: str = "brain") -> None:
     """Raise GeometryError unless mask's voxels lie inside the box with margin_voxels
     of background on every side (periodic box: opposite faces touch)."""
     lo, hi = mask_extent_in_box(geom, image, mask)
-    lim_lo, lim_hi = -0.5 + margin_voxels, geom.n - 0.5 - margin_voxels
-    if (lo < lim_lo - 1e-9).any() or (hi > lim_hi + 1e-9).any():
+    if not _inside(geom, lo, hi, margin_voxels):
         extent = (hi - lo) * geom.spacing
         raise GeometryError(
             f"the {what} (extent {extent[0]:.0f} x {extent[1]:.0f} x {extent[2]:.0f} mm along the "
@@ -299,8 +304,7 @@ def anchored_box(image: sitk.Image, n: int, box_mm: float, mask: np.ndarray,
     # check_fits uses, reaches further out along the box axes than its voxels do)
     idx = (pts - geom.origin) @ P / geom.spacing
     half = 0.5 * np.abs(P.T @ D_img) @ sp / geom.spacing
-    lo, hi = idx.min(0) - half, idx.max(0) + half
-    if (lo < -0.5 + margin_voxels - 1e-9).any() or (hi > n - 0.5 - margin_voxels + 1e-9).any():
+    if not _inside(geom, idx.min(0) - half, idx.max(0) + half, margin_voxels):
         return box_for_image(image, n, box_mm, mask=m, margin_voxels=margin_voxels)
     return geom
 

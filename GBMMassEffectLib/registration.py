@@ -424,6 +424,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / s) if s > 0 else float("nan")
 
 
+def _dice_of_fractions(fa, fb, keep: np.ndarray | None) -> float:
+    """Dice of {fa > 0.5} and {fb > 0.5}, both restricted to keep (None: everywhere)."""
+    a, b = np.asarray(fa) > 0.5, np.asarray(fb) > 0.5
+    return _dice(a, b) if keep is None else _dice(a & keep, b & keep)
+
+
 def registration_quality(atlas_channels: Mapping[str, sitk.Image],
                          warped_channels: Mapping[str, sitk.Image],
                          weight: sitk.Image | None = None) -> dict:
@@ -438,15 +444,9 @@ def registration_quality(atlas_channels: Mapping[str, sitk.Image],
         fa = sitk.GetArrayViewFromImage(atlas_channels[k])
         fb = sitk.GetArrayViewFromImage(warped_channels[k])
         brain_a, brain_b = brain_a + fa, brain_b + fb
-        a, b = fa > 0.5, fb > 0.5
-        if keep is not None:
-            a, b = a & keep, b & keep
-        out[f"dice_{k}"] = _dice(a, b)
+        out[f"dice_{k}"] = _dice_of_fractions(fa, fb, keep)
     out["score"] = float(np.nanmean([v for v in out.values()]))
-    a, b = np.asarray(brain_a) > 0.5, np.asarray(brain_b) > 0.5
-    if keep is not None:
-        a, b = a & keep, b & keep
-    out["dice_brain"] = _dice(a, b)
+    out["dice_brain"] = _dice_of_fractions(brain_a, brain_b, keep)
     return out
 
 

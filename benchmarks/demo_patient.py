@@ -6,11 +6,10 @@
 
 What `gbm-calibrate demo` does before it calibrates (demo.py), without the calibration:
 `simulate --preset P --grid N` on the bundled true atlas (the patient, written to
-OUT/patient: BraTS labels drawn from c(1), c(1) itself, the T1, ground_truth.json), the patient's tissue
-labels (the atlas's labels moved by the simulated displacement, tumour labels on top:
-demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those labels (or, with `--data concentration`,
-c(1) as the tumour input), grid N,
-the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
+OUT/patient: BraTS labels drawn from c(1), c(1) itself, the T1, ground_truth.json), the
+patient's tissue labels (the atlas's labels moved by the simulated displacement, tumour
+labels on top: demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those
+labels (or, with `--data concentration`, c(1) as the tumour input), grid N, the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
 OUT/out/report.json with OUT/patient/ground_truth.json (γ, ρ, κ, max_u_mm)."""
 from __future__ import annotations
 
