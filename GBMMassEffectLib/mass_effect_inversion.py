@@ -65,6 +65,16 @@ true atlas), the data's centre of mass lies 1.5–2.5 voxels from the true seed 
 support misses the seed's side (TC(d): every atom at z = 14 for the seed's 12.8). Three
 more forward solves per gradient (12 for five atoms).
 
+c0 amplitude (option c0_max, default 1 = §5's max(c0) = 1; MODEL §6 notes that the
+reference's multilevel scripts rescale c0 to max n/256): every c0 above is multiplied by
+c0_max. An atom is one voxel wide, so a patient whose seed was narrower than the grid's
+voxel (made on a finer grid, or a real tumour) holds (h_fine/h)³ of the mass of a max-1
+atom here; with max 1, S.3 fits a slower ρ and a smaller γ to the same tumour. Measured
+(true atlas, labels, whole calibrate path): the tc-b patient made at 64³ and calibrated at
+32³ gave γ 0 (truth 0.4) with max 1 and γ 0.409, ρ 9.18 with c0_max = 1/8 = (32/64)³
+(benchmarks/ACCURACY.md). Not estimated from the data: fitted together with ρ and γ it
+trades against both (the same patient: γ 0.18, ρ 7.1 at a lower misfit).
+
 Tumour term on label data (option tumor_misfit; calibrate.S3_TUMOR_MISFIT keeps §5's
 "indicator" as the default; "band" is a deviation offered as an option): "indicator" is
 §5's ½h³‖O(c(1) − d)‖² with d the smoothed core indicator. It asks for c = 1 over the whole core, where a tumour labelled
@@ -137,6 +147,7 @@ class MassEffectOptions:
     c0_pullback_tol: float = 0.02  # stop the rounds when c0 changes by less (relative 2-norm)
     c0_refit: bool = False  # optimise S.1's atom weights with (γ, ρ, κ) (module docstring)
     c0_weight_max: float = 1.0  # upper bound of the refitted atom weights (module docstring)
+    c0_max: float = 1.0  # max(c0) (§5: 1; the reference's multilevel scripts: n/256; module docstring)
     optimizer: str = "lbfgsb"  # "lbfgsb" (§6) or "gauss-newton" (module docstring)
     c0_shift: float = 0.0  # > 0: also optimise a translation δ of c0, |δ_i| ≤ this (voxels of n)
     tumor_misfit: str = "indicator"  # "indicator" (§5's ‖O(c − d)‖²) or "band" (labels as iso-contours)
@@ -155,6 +166,8 @@ class MassEffectOptions:
             raise ValueError("c0_refit and c0_pullback both change S.1's c0: choose one (set c0_pullback to 0)")
         if not (isinstance(self.c0_weight_max, (int, float)) and self.c0_weight_max > 0):
             raise ValueError(f"c0_weight_max must be a positive number, got {self.c0_weight_max!r}")
+        if isinstance(self.c0_max, bool) or not (isinstance(self.c0_max, (int, float)) and 0 < self.c0_max <= 1):
+            raise ValueError(f"c0_max must be a number in (0, 1], got {self.c0_max!r}")
         if isinstance(self.c0_shift, bool) or not (isinstance(self.c0_shift, (int, float))
                                                    and 0 <= self.c0_shift < math.inf):
             raise ValueError(f"c0_shift must be a non-negative number of voxels, got {self.c0_shift!r}")
@@ -295,8 +308,10 @@ class MassEffectObjective:
 
     def c0_at(self, x):
         """c0 at x: the fixed c0, or Σ q_i φ_i / max with the weights q (c0_refit); with
-        c0_shift, translated by δ voxels (spectral phase) and rescaled to max 1."""
-        if self.atoms is None and not self.shift:
+        c0_shift, translated by δ voxels (spectral phase) and rescaled to max 1; then
+        multiplied by c0_max (1 by default, §5)."""
+        amp = float(self.options.c0_max)
+        if self.atoms is None and not self.shift and amp == 1.0:
             return self.c0
         xp = self.ops.xp
         c = self.c0
@@ -305,7 +320,10 @@ class MassEffectObjective:
         if self.shift:
             c = self.ops.translate(c, self.shift_of(x) * self.ops.h)
         top = float(xp.max(c))
-        return c / c.dtype.type(top) if top > 0 else c
+        if not top > 0:
+            return c
+        c = c / c.dtype.type(top)
+        return c if amp == 1.0 else c * c.dtype.type(amp)
 
     def solve(self, x):
         """Full forward solve at x; returns (J, parts, ForwardResult)."""

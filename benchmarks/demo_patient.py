@@ -9,7 +9,8 @@ What `gbm-calibrate demo` does before it calibrates (demo.py), without the calib
 OUT/patient: BraTS labels drawn from c(1), c(1) itself, the T1, ground_truth.json), the
 patient's tissue labels (the atlas's labels moved by the simulated displacement, tumour
 labels on top: demo.simulate_patient), and OUT/job.json for `calibrate --job OUT`: those
-labels (or, with `--data concentration`, c(1) as the tumour input), grid N, the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
+labels (or, with `--data concentration`, c(1) as the tumour input), grid N (or
+`--calibrate-grid`), the named atlases (default: §6's choice of `--n-atlases`) and the S.3 options given. Compare
 OUT/out/report.json with OUT/patient/ground_truth.json (γ, ρ, κ, max_u_mm)."""
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ from GBMMassEffectLib.presets import PRESETS  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tc-b", choices=sorted(PRESETS))
-    ap.add_argument("--grid", type=int, default=64, help="simulation and calibration grid n")
+    ap.add_argument("--grid", type=int, default=64, help="simulation grid n (and calibration grid by default)")
+    ap.add_argument("--calibrate-grid", type=int, default=None,
+                    help="the job's calibration grid when it differs from the simulation's (a patient made at "
+                         "64³ and calibrated at 32³ is not the inverse crime of one grid)")
     ap.add_argument("--out", type=pathlib.Path, required=True)
     ap.add_argument("--atlases", nargs="*", default=None, help="atlases to name in the job (default: §6's choice)")
     ap.add_argument("--n-atlases", type=int, default=2, help="atlases §6 chooses when none are named")
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     tumor = {"labels": ("tumor_labels", "tumor_labels.nrrd"),
              "concentration": ("tumor_concentration", "tumor_concentration.nrrd")}[args.data]
     job = {tumor[0]: os.path.join(pdir, tumor[1]), "tissue_labels": tissue,
-           "t1": os.path.join(pdir, "t1.nrrd"), "grid": args.grid, "device": "cpu", "seed": args.seed,
+           "t1": os.path.join(pdir, "t1.nrrd"), "grid": args.calibrate_grid or args.grid, "device": "cpu", "seed": args.seed,
            "out": os.path.abspath(args.out / "out"), "options": {"s3": s3}}
     if args.atlases:
         job["atlases"] = args.atlases
