@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--atlases", nargs="*", default=None, help="atlases to name in the job (default: §6's choice)")
     ap.add_argument("--n-atlases", type=int, default=2, help="atlases §6 chooses when none are named")
     ap.add_argument("--s3-maxiter", type=int, default=None, help="S.3 iteration cap (default calibrate's)")
+    ap.add_argument("--c0-max", type=float, default=None, help="S.3's max(c0) (job option s3.c0_max; default 1)")
     ap.add_argument("--data", choices=("labels", "concentration"), default="labels",
                     help="the job's tumour input: simulate's BraTS labels (the demo's) or its c(1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     s3 = {"hessian": False}
     if args.s3_maxiter:
         s3["maxiter"] = args.s3_maxiter
+    if args.c0_max is not None:
+        s3["c0_max"] = args.c0_max
     tumor = {"labels": ("tumor_labels", "tumor_labels.nrrd"),
              "concentration": ("tumor_concentration", "tumor_concentration.nrrd")}[args.data]
     job = {tumor[0]: os.path.join(pdir, tumor[1]), "tissue_labels": tissue,
