@@ -2,7 +2,8 @@
 ARCHITECTURE.md "The process boundary").
 
 Inputs (CalibrateJob, read from DIR/job.json or the CLI flags; unknown keys are errors):
-  * the tumor: a BraTS label map (1 necrotic, 2 edema, 4 enhancing; values configurable in
+  * the tumor: a BraTS label map (1 necrotic, 2 edema, 4 enhancing, and 3 as core: BraTS
+    2023's enhancing or older BraTS's non-enhancing core; values configurable in
     tumor_label_values), or a core mask with an optional edema mask, or (synthetic studies)
     a tumor concentration image c(1) in [0, 1];
   * the patient tissue: a label map (5 gm, 6 wm, 7 vt, 8 csf; configurable) or, when absent,
@@ -146,6 +147,10 @@ def s3_c0_shift_voxels(grid: int, box_mm: float) -> float:
 S2_DEFORMABLE = "none"
 STAGE_SPAN = {"setup": (0.0, 0.03), "S.1": (0.03, 0.25), "atlases": (0.25, 0.95), "output": (0.95, 1.0)}
 DEFAULT_TUMOR_VALUES = {"necrotic": 1, "edema": 2, "enhancing": 4}
+#: BraTS label 3 is tumour core in every BraTS convention: non-enhancing tumour core in
+#: BraTS 2012–2016, enhancing tumour from BraTS 2023 (1 NCR, 2 ED, 3 ET). A tumour label
+#: map may carry it whenever no configured tumour or tissue value is 3; it counts as core.
+BRATS_OTHER_CORE = 3
 DEFAULT_TISSUE_VALUES = {"gm": 5, "wm": 6, "vt": 7, "csf": 8}
 CONCENTRATION_MASK = 0.1  # c above this is "tumor" for the registration mask (concentration input)
 
@@ -354,6 +359,17 @@ class Patient:
     tissue: sitk.Image | None  # canonical labels 0/5/6/7/8 (tumor voxels: as given)
     t1: sitk.Image | None
     tumor_source: str
+    notes: tuple = ()  # what was read how (e.g. BraTS label 3 as tumour core)
+
+
+def _core_values(job: CalibrateJob) -> list[int]:
+    """Tumour-label values that count as core: necrotic, enhancing, and BraTS label 3 where
+    no configured value is 3 (BRATS_OTHER_CORE)."""
+    tv, sv = job.tumor_label_values, job.tissue_label_values
+    core = [tv["necrotic"], tv["enhancing"]]
+    if BRATS_OTHER_CORE not in (*tv.values(), *sv.values()):
+        core.append(BRATS_OTHER_CORE)
+    return core
 
 
 def _read_any_labels(path, values: dict, extra_allowed, what: str) -> np.ndarray:
@@ -386,13 +402,19 @@ def _holes_around(labelled: np.ndarray, tumour: np.ndarray) -> np.ndarray:
 
 def read_patient(job: CalibrateJob) -> Patient:
     tv, sv = job.tumor_label_values, job.tissue_label_values
+    core_values = _core_values(job)
+    tumor_values = sorted({*tv.values(), *core_values})
     core = edema = conc = None
+    notes = []
     if job.tumor_labels:
-        ref = _read_any_labels(job.tumor_labels, tv, sv.values(), "tumor label map")
+        ref = _read_any_labels(job.tumor_labels, tv, [*sv.values(), *core_values], "tumor label map")
         a = sitk.GetArrayFromImage(ref)
-        core = np.isin(a, [tv["necrotic"], tv["enhancing"]]).astype(np.float32)
+        core = np.isin(a, core_values).astype(np.float32)
         edema = (a == tv["edema"]).astype(np.float32)
         source = "BraTS labels"
+        if BRATS_OTHER_CORE in core_values and (a == BRATS_OTHER_CORE).any():
+            notes.append(f"tumor label {BRATS_OTHER_CORE} read as tumour core (non-enhancing core in BraTS "
+                         "2012-2016, enhancing tumour from BraTS 2023)")
     elif job.tumor_core:
         ref = io.read_image(job.tumor_core, "tumor core mask")
         core = (sitk.GetArrayFromImage(ref) > 0.5).astype(np.float32)
@@ -420,7 +442,7 @@ def read_patient(job: CalibrateJob) -> Patient:
         whole = (core > 0.5) | (edema is not None and edema > 0.5)
     tissue = t1 = None
     if job.tissue_labels:
-        raw = _read_any_labels(job.tissue_labels, sv, tv.values(), "tissue label map")
+        raw = _read_any_labels(job.tissue_labels, sv, tumor_values, "tissue label map")
         _same_grid_or_fail(raw, ref, "tissue label map", "tumor input")
         a = sitk.GetArrayFromImage(raw)
         canon = np.zeros(a.shape, np.uint8)
@@ -437,7 +459,7 @@ def read_patient(job: CalibrateJob) -> Patient:
         # S.1's brain, S.2's mask and S.3's ventricle mask. Left out, a concentration input
         # (whole = c > 0.1) left the labelled ring 0.02 < c < 0.1 unmasked, and the affine
         # S.2 registered a patient onto its own atlas 60 mm off (Dice of the ventricles 0.05).
-        whole = whole | np.isin(a, list(tv.values()))
+        whole = whole | np.isin(a, tumor_values)
         whole = whole | _holes_around(canon > 0, whole)
     if job.t1:
         t1 = io.read_image(job.t1, "T1")
@@ -446,7 +468,7 @@ def read_patient(job: CalibrateJob) -> Patient:
         if not arr.max() > arr.min():
             raise InputError(f"the T1 {job.t1} is constant (no contrast)")
         t1 = sitk.Cast(t1, sitk.sitkFloat32)
-    return Patient(ref, core, edema, conc, whole, tissue, t1, source)
+    return Patient(ref, core, edema, conc, whole, tissue, t1, source, tuple(notes))
 
 
 # ---- grids and warping ----------------------------------------------------------------------
@@ -650,7 +672,7 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     registrations: dict = {}
     t0 = time.perf_counter()
     tissue_source = "tissue label map"
-    notes: list[str] = []
+    notes: list[str] = list(patient.notes)
     box_spacing = job.box_mm / job.grid
     if patient.tissue is None:
         tissue_img, chosen, registrations, derived_from = _derive_tissue(

@@ -121,7 +121,8 @@ def _add_calibrate(sub) -> None:
                        description="Calibrate a patient: --job DIR (DIR/job.json; outputs in DIR/out) "
                                    "and/or the same settings as flags (flags override job.json).")
     c.add_argument("--job", metavar="DIR", help="job folder holding job.json")
-    c.add_argument("--tumor-seg", dest="tumor_labels", help="tumor label map: BraTS 1 necrotic, 2 edema, 4 enhancing")
+    c.add_argument("--tumor-seg", dest="tumor_labels", help="tumor label map: BraTS 1 necrotic, 2 edema, 4 enhancing "
+                   "(3, BraTS 2023's enhancing or older BraTS's non-enhancing core, counts as core)")
     c.add_argument("--tumor-core", dest="tumor_core", help="binary tumor-core mask (instead of --tumor-seg)")
     c.add_argument("--edema", help="binary edema mask (with --tumor-core)")
     c.add_argument("--tumor-concentration", dest="tumor_concentration",

@@ -19,7 +19,7 @@ import scipy.io
 import scipy.ndimage
 import SimpleITK as sitk
 
-from GBMMassEffectLib import aggregate
+from GBMMassEffectLib import aggregate, io
 from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, CalibrateJob, InputError
 from GBMMassEffectLib.registration import BRAIN_DICE_POOR
 from cli_helpers import assert_one_line_error as one_line_error
@@ -87,7 +87,7 @@ def case(glia_testdata, tmp_path_factory):
     empty[tumor == 2] = 2  # edema only: no tumor core
     _write(empty, d / "edema_only.nrrd", like=t_img)
     bad = tumor.copy()
-    bad[0, 0, 0] = 3
+    bad[0, 0, 0] = 9  # no BraTS or tissue label (3 is BraTS tumour core: test_brats_label_3_is_tumour_core)
     _write(bad, d / "bad_labels.nrrd", like=t_img)
     _write(tissue, d / "tissue_shifted.nrrd", spacing=4.0, origin=(5.0, 0.0, 0.0))
     return {"dir": d, "atlases": [d / "atlas_a.nrrd", d / "atlas_b.nrrd"], "tumor": d / "tumor.nrrd",
@@ -204,7 +204,7 @@ def test_full_pipeline_outputs(case, full_run):
     ({"tissue_labels": None}, "neither a tissue segmentation"),
     ({"tumor_labels": "{dir}/empty_tumor.nrrd"}, "is empty"),
     ({"tumor_labels": "{dir}/edema_only.nrrd"}, "no tumor-core"),
-    ({"tumor_labels": "{dir}/bad_labels.nrrd"}, "unknown label value(s) 3"),
+    ({"tumor_labels": "{dir}/bad_labels.nrrd"}, "unknown label value(s) 9"),
     ({"tissue_labels": "{dir}/tissue_shifted.nrrd"}, "mismatched geometry"),
     ({"grid": 33}, "grid must be an even integer"),
     ({"colour": "blue"}, "unknown key(s) colour"),
@@ -575,3 +575,37 @@ def test_tissue_map_tumour_labels_and_holes_join_the_whole_tumour(case, tmp_path
         assert p.whole[big > 0].all(), name
         assert not p.whole[(lab > 0) & (r > 9)].any(), name  # the healthy tissue stays
         assert not p.whole[lab == 0].any(), name  # and so does the outside of the brain
+
+
+def test_brats_label_3_is_tumour_core(case, tmp_path):
+    """BraTS label 3 is tumour core in both BraTS conventions (non-enhancing core in
+    2012-2016, enhancing tumour from 2023: 1 NCR, 2 ED, 3 ET): a BraTS-2023 map reads as
+    the same core and whole tumour as its 1/2/4 twin, with a note saying so; where a job
+    gives 3 another meaning (a tissue value) the map's 3 is that, not core."""
+    from GBMMassEffectLib.calibrate import read_patient
+
+    tumor_img = sitk.ReadImage(str(case["tumor"]))
+    t = sitk.GetArrayFromImage(tumor_img)
+    t23 = np.where(t == 4, 3, t).astype(np.uint8)
+    _write(t23, tmp_path / "brats2023.nrrd", like=tumor_img)
+    base = {"tissue_labels": str(case["tissue"]), "atlas_set": [str(case["atlases"][0])], "grid": 32,
+            "out": str(tmp_path / "out"), "options": CHEAP}
+    p4 = read_patient(CalibrateJob.from_dict({"tumor_labels": str(case["tumor"]), **base}))
+    p3 = read_patient(CalibrateJob.from_dict({"tumor_labels": str(tmp_path / "brats2023.nrrd"), **base}))
+    assert (t == 4).sum() > 0 and np.array_equal(p3.core, p4.core) and np.array_equal(p3.whole, p4.whole)
+    assert np.array_equal(p3.edema, p4.edema)
+    assert p4.notes == () and len(p3.notes) == 1 and "label 3 read as tumour core" in p3.notes[0]
+    # the tissue map may carry label 3 under the tumour too (tumour labels on top)
+    both = sitk.GetArrayFromImage(sitk.ReadImage(str(case["tissue"])))
+    both[t23 > 0] = t23[t23 > 0]
+    _write(both, tmp_path / "both.nrrd", like=tumor_img)
+    pb = read_patient(CalibrateJob.from_dict({**base, "tumor_labels": str(tmp_path / "brats2023.nrrd"),
+                                              "tissue_labels": str(tmp_path / "both.nrrd")}))
+    assert (pb.whole >= p4.whole).all() and pb.whole[t23 == 3].all()
+    # a job that makes 3 a tissue value (gray matter): the tumour map's 3 is no longer core
+    job = CalibrateJob.from_dict({**base, "tumor_labels": str(tmp_path / "brats2023.nrrd"),
+                                  "tissue_label_values": {"gm": 3, "wm": 6, "vt": 7, "csf": 8}})
+    with pytest.raises(io.ImageIOError, match=r"tissue label map .* unknown label value\(s\) 5"):
+        read_patient(job)  # (the case's tissue map still says 5 for gray matter)
+    from GBMMassEffectLib.calibrate import _core_values
+    assert _core_values(job) == [1, 4]
