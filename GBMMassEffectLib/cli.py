@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=float, default=None, help="mass effect γ (default 0.4)")
     s.add_argument("--sigma-voxels", type=float, default=1.0,
                    help="width of the c0 Gaussian in box voxels (default 1, the §5 atom)")
+    s.add_argument("--c0-max", type=float, default=1.0,
+                   help="peak of c0 (default 1, §5; (n/256)^3 gives the seed the mass of the paper's "
+                        "1 mm seed at grid n)")
     s.add_argument("--grid", type=int, default=64, help="box voxels per axis n (even; default 64)")
     s.add_argument("--nt", type=int, default=25, help="time steps nt (nt+1 steps are taken; default 25)")
     s.add_argument("--dt", type=float, default=0.04, help="time step (default 0.04)")
@@ -275,7 +278,7 @@ def _simulate(args, outputs_holder: list, token: pg.CancelToken) -> int:
         rho=defaults["rho"] if args.rho is None else args.rho,
         gamma=defaults["gamma"] if args.gamma is None else args.gamma,
         seed_ijk=args.seed_ijk, seed_ras=args.seed_ras, sigma_voxels=args.sigma_voxels,
-        grid=args.grid, nt=args.nt, dt=args.dt, device=args.device, precision=args.precision,
+        c0_max=args.c0_max, grid=args.grid, nt=args.nt, dt=args.dt, device=args.device, precision=args.precision,
         box_mm=args.box_mm, preset=args.preset, random_seed=args.random_seed)
     outputs, report_path = _open_outputs(opt.out, outputs_holder, pg.OutputSet)
     run_simulate(opt, outputs, progress=pg.progress, cancel=token)

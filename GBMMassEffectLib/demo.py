@@ -151,14 +151,14 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
 
 
 def simulate_patient(true, pdir: str, outputs, preset: str, grid: int, device: str = "cpu", seed: int = 0,
-                     progress=None, cancel=None) -> tuple[dict, str]:
+                     progress=None, cancel=None, c0_max: float = 1.0) -> tuple[dict, str]:
     """The demo's synthetic patient: `simulate --preset` on the atlas `true` into pdir, and
     its tissue labels (deformed_tissue). Returns (ground_truth.json's dict, the tissue path)."""
     from .presets import get_preset
     from .simulate import SimulateOptions, run_simulate
 
     sim = SimulateOptions(labels=str(true.labels_path), out=pdir, preset=preset, grid=grid,
-                          device=device, random_seed=seed)
+                          device=device, random_seed=seed, c0_max=c0_max)
     pr = get_preset(preset)
     sim.kappa, sim.rho, sim.gamma = pr.kappa, pr.rho, pr.gamma
     run_simulate(sim, outputs, progress=progress, cancel=cancel)

@@ -58,6 +58,7 @@ class SimulateOptions:
     seed_ijk: tuple | None = None  # ITK continuous index (i, j, k) in the input image
     seed_ras: tuple | None = None  # RAS mm (Slicer convention)
     sigma_voxels: float = 1.0
+    c0_max: float = 1.0  # peak of the seed (§5: 1); (n/256)³ gives the paper's 1 mm seed's mass at grid n
     grid: int = 64
     nt: int = 25
     dt: float = 0.04
@@ -116,12 +117,15 @@ def box_tissues(geom: BoxGeometry, labels: sitk.Image, ops, tumor_as: str | None
     return t.smoothed(ops)
 
 
-def initial_condition(ops, geom: BoxGeometry, tissues, seed_lps, sigma_voxels: float):
-    """c0 = atom/atom.max() (MODEL §5) at the seed; returns (c0, centre in domain units)."""
+def initial_condition(ops, geom: BoxGeometry, tissues, seed_lps, sigma_voxels: float, c0_max: float = 1.0):
+    """c0 = c0_max·atom/atom.max() (MODEL §5: c0_max 1) at the seed; returns (c0, centre in
+    domain units)."""
     from .basis import brain_mask, gaussian_atom
 
     if not (sigma_voxels > 0 and math.isfinite(sigma_voxels)):
         raise InputError(f"--sigma-voxels must be positive, got {sigma_voxels}")
+    if isinstance(c0_max, bool) or not (isinstance(c0_max, (int, float)) and 0 < c0_max <= 1):
+        raise InputError(f"--c0-max must be a number in (0, 1], got {c0_max}")
     centre = geom.physical_to_domain(seed_lps)
     mask = brain_mask(tissues.wm, tissues.gm, tissues.vt, ops.xp)
     atom = gaussian_atom(ops, centre, sigma_voxels * ops.h, mask)
@@ -130,7 +134,7 @@ def initial_condition(ops, geom: BoxGeometry, tissues, seed_lps, sigma_voxels: f
         raise InputError(
             "the seed is outside the brain mask of the box (no gray/white matter within "
             f"{5 * sigma_voxels:g} box voxels); move the seed or use a finer --grid")
-    return (atom / atom.dtype.type(peak)).astype(ops.dtype), centre
+    return (atom * atom.dtype.type(c0_max / peak)).astype(ops.dtype), centre
 
 
 def tumor_touches_edge(c) -> float:
@@ -209,7 +213,7 @@ def run_simulate(opt: SimulateOptions, outputs: OutputSet, progress=None, cancel
     t0 = time.perf_counter()
     say("setup", 0.02, f"tissues into the {geom.n}^3 box ({geom.spacing:.3g} mm voxels)")
     tissues = box_tissues(geom, labels, ops)
-    c0, centre = initial_condition(ops, geom, tissues, seed_lps, opt.sigma_voxels)
+    c0, centre = initial_condition(ops, geom, tissues, seed_lps, opt.sigma_voxels, opt.c0_max)
     timings["setup_s"] = time.perf_counter() - t0
     check_cancel(cancel)
 
@@ -301,6 +305,7 @@ def run_simulate(opt: SimulateOptions, outputs: OutputSet, progress=None, cancel
             "c0_centre_lps_mm": seed_info["lps_mm"],
             "sigma_voxels": opt.sigma_voxels,
             "sigma_mm": opt.sigma_voxels * geom.spacing,
+            "c0_max": opt.c0_max,
             **max_u_info,
             "paper_max_u_voxels_256": preset.paper_max_u_voxels_256,
             "brats_thresholds": presets.BRATS_THRESHOLDS,
@@ -318,7 +323,7 @@ def run_simulate(opt: SimulateOptions, outputs: OutputSet, progress=None, cancel
         "input": {"labels": str(opt.labels), "geometry": io.geometry_dict(labels)},
         "parameters": {"kappa": opt.kappa, "rho": opt.rho, "gamma": opt.gamma, "nt": opt.nt,
                        "dt": opt.dt, "n_steps": params.n_steps, "t_end": res.t_end,
-                       "sigma_voxels": opt.sigma_voxels, "grid": geom.n, "box_mm": geom.box_mm,
+                       "sigma_voxels": opt.sigma_voxels, "c0_max": opt.c0_max, "grid": geom.n, "box_mm": geom.box_mm,
                        "precision": opt.precision},
         "seed": seed_info,
         "box": geom.to_dict(),

@@ -102,6 +102,25 @@ def test_simulate_gamma0(atlas_files, tmp_path):
     assert report["seed"]["ijk"] == [float(v) for v in atlas_files["seed_ijk"]]
 
 
+def test_simulate_c0_max_scales_the_seed(atlas_files):
+    """--c0-max sets the seed's peak: c0 is c0_max times the §5 atom (max 1), same place."""
+    from GBMMassEffectLib.backend import get_backend
+    from GBMMassEffectLib.geometry import box_for_image
+    from GBMMassEffectLib.io import read_label_map
+    from GBMMassEffectLib.simulate import box_tissues, initial_condition, seed_point
+    from GBMMassEffectLib.spectral import SpectralOps
+
+    labels = read_label_map(atlas_files["nifti"])
+    geom = box_for_image(labels, 32, 256.0)
+    ops = SpectralOps(32, get_backend("cpu", "float64"))
+    tissues = box_tissues(geom, labels, ops)
+    seed_lps, _ = seed_point(labels, atlas_files["seed_ijk"], None)
+    c1, x1 = initial_condition(ops, geom, tissues, seed_lps, 1.0)
+    cq, xq = initial_condition(ops, geom, tissues, seed_lps, 1.0, c0_max=1 / 64)
+    assert float(c1.max()) == pytest.approx(1.0) and float(cq.max()) == pytest.approx(1 / 64)
+    assert np.allclose(cq, c1 / 64, atol=1e-12) and np.allclose(xq, x1)
+
+
 def test_simulate_gamma_large_in_flipped_geometry(atlas_files, tmp_path):
     """γ 1.2 on an NRRD with a flipped (RAS-like) direction, seed given in RAS mm."""
     ref = sitk.ReadImage(str(atlas_files["nrrd"]))
@@ -207,6 +226,8 @@ def test_bad_inputs_give_one_json_error(atlas_files, tmp_path):
     proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ijk", seed, "--grid", "33",
                        "--out", out)
     assert_one_line_error(proc, ev, 2, "even integer")
+    proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ijk", seed, "--c0-max", "1.5", *common)
+    assert_one_line_error(proc, ev, 2, "--c0-max must be a number in (0, 1]")
     proc, ev = run_cli("simulate", "--seed-ijk", seed, "--out", out)
     assert_one_line_error(proc, ev, 2, "--labels")
     proc, ev = run_cli("simulate", "--labels", atlas_files["nifti"], "--seed-ijk", "1,2", "--out", out)

@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-atlases", type=int, default=2, help="atlases §6 chooses when none are named")
     ap.add_argument("--s3-maxiter", type=int, default=None, help="S.3 iteration cap (default calibrate's)")
     ap.add_argument("--c0-max", type=float, default=None, help="S.3's max(c0) (job option s3.c0_max; default 1)")
+    ap.add_argument("--seed-max", type=float, default=1.0,
+                    help="peak of the patient's seed (simulate --c0-max; default 1, §5; (n/256)³ gives it "
+                         "the mass of the paper's 1 mm seed)")
     ap.add_argument("--data", choices=("labels", "concentration"), default="labels",
                     help="the job's tumour input: simulate's BraTS labels (the demo's) or its c(1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
 
     true = load_atlas_set("bundled")[TRUE_ATLAS]
     pdir = os.path.abspath(args.out / "patient")
-    truth, tissue = simulate_patient(true, pdir, CalibrateOutputs(pdir), args.preset, args.grid, "cpu", args.seed)
+    truth, tissue = simulate_patient(true, pdir, CalibrateOutputs(pdir), args.preset, args.grid, "cpu", args.seed,
+                                     c0_max=args.seed_max)
     s3 = {"hessian": False}
     if args.s3_maxiter:
         s3["maxiter"] = args.s3_maxiter
