@@ -3,8 +3,8 @@
 
 1. Patient: `simulate --preset tc-b` (MODEL §7: γ 0.4, ρ 12, κ 0.025) on the bundled atlas
    "mni152" (the first of the set when it is absent), seed point from the seed, grid n.
-   Written to OUT/patient (BraTS tumor labels, T1-like image, ground_truth.json), plus
-   patient_tissue_labels.nrrd: the atlas labels moved by the simulated displacement at the
+   Written to OUT/patient (BraTS tumor labels, T1-like image, ground_truth.json) with
+   patient_labels.nrrd: the atlas labels moved by the simulated displacement at the
    atlas's own resolution, tumor labels on top (the calibration's tissue input).
 2. Calibration (calibrate.run_calibrate) from the tumor labels and the deformed tissue
    labels with three atlases: the true one and the two others that the §6 ventricle
@@ -153,7 +153,8 @@ def run_demo(opt: DemoOptions, outputs_holder: list | None = None, progress=None
 def simulate_patient(true, pdir: str, outputs, preset: str, grid: int, device: str = "cpu", seed: int = 0,
                      progress=None, cancel=None, c0_max: float = 1.0) -> tuple[dict, str]:
     """The demo's synthetic patient: `simulate --preset` on the atlas `true` into pdir, and
-    its tissue labels (deformed_tissue). Returns (ground_truth.json's dict, the tissue path)."""
+    its tissue labels (simulate's patient_labels.nrrd: simulate.moved_labels with the tumour
+    labels on top). Returns (ground_truth.json's dict, the tissue path)."""
     from .presets import get_preset
     from .simulate import SimulateOptions, run_simulate
 
@@ -164,30 +165,7 @@ def simulate_patient(true, pdir: str, outputs, preset: str, grid: int, device: s
     run_simulate(sim, outputs, progress=progress, cancel=cancel)
     with open(os.path.join(pdir, "ground_truth.json"), encoding="utf-8") as f:
         truth = json.load(f)
-    return truth, deformed_tissue(true.read_labels(), pdir, outputs)
-
-
-def deformed_tissue(healthy, pdir: str, outputs) -> str:
-    """The patient's tissue label map at the atlas's resolution: the healthy labels moved by
-    the simulated displacement, deformed(x) = healthy(x − u(x)) (simulate's convention),
-    with the BraTS tumor labels on top. (simulate's own labels.nrrd is the argmax of the
-    box fractions: at grid 32, 8 mm voxels, thin structures such as the ventricles vanish.)
-    Written to pdir/patient_tissue_labels.nrrd; returns its path."""
-    import SimpleITK as sitk
-
-    from .io import image_like, read_image, write_image
-
-    u = read_image(os.path.join(pdir, "displacement.nrrd"), "displacement", allow_vector=True)
-    field = sitk.GetImageFromArray(-sitk.GetArrayFromImage(u).astype("float64"), isVector=True)
-    field.CopyInformation(u)
-    moved = sitk.Resample(healthy, healthy, sitk.DisplacementFieldTransform(field), sitk.sitkNearestNeighbor, 0)
-    lab = sitk.GetArrayFromImage(moved)
-    tumor = sitk.GetArrayFromImage(read_image(os.path.join(pdir, "tumor_labels.nrrd"), "tumor labels"))
-    lab[tumor > 0] = tumor[tumor > 0]
-    img = image_like(lab.astype("uint8"), healthy)
-    path = os.path.join(pdir, "patient_tissue_labels.nrrd")
-    outputs.write(path, lambda tmp: write_image(img, tmp))
-    return path
+    return truth, os.path.join(pdir, "patient_labels.nrrd")
 
 
 def format_summary(s: dict) -> str:

@@ -172,6 +172,17 @@ def test_preset_writes_synthetic_patient(atlas_files, tmp_path):
         assert (pl == label).sum() > 0, label
     tl = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "tumor_labels.nrrd")))
     assert set(np.unique(tl).tolist()) == {0, 1, 2, 4}
+    # the patient's tissue is the input anatomy moved at the input's resolution, not the
+    # argmax of the 8 mm box (labels.nrrd): where the tissue barely moved it is the input's
+    un = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement_norm.nrrd")))
+    healthy = atlas_files["labels"]
+    still = (un < 0.5) & (tl == 0) & (healthy > 0)  # moved < 1/8 of the input's 4 mm voxel
+    assert still.sum() > 1000
+    assert np.array_equal(pl[still], healthy[still])
+    box = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
+    assert (box[still] != healthy[still]).mean() > 0.25  # (the box argmax is not)
+    assert (pl == 7).sum() > (box == 7).sum()  # and it keeps the thin ventricles
+    assert np.array_equal(pl[tl > 0], tl[tl > 0])
     assert truth["brats_label_voxels"]["edema"] == int((tl == 2).sum())
     # BraTS thresholds on c(1)
     c = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "tumor_concentration.nrrd")))
