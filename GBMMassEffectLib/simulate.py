@@ -124,8 +124,6 @@ def initial_condition(ops, geom: BoxGeometry, tissues, seed_lps, sigma_voxels: f
 
     if not (sigma_voxels > 0 and math.isfinite(sigma_voxels)):
         raise InputError(f"--sigma-voxels must be positive, got {sigma_voxels}")
-    if isinstance(c0_max, bool) or not (isinstance(c0_max, (int, float)) and 0 < c0_max <= 1):
-        raise InputError(f"--c0-max must be a number in (0, 1], got {c0_max}")
     centre = geom.physical_to_domain(seed_lps)
     mask = brain_mask(tissues.wm, tissues.gm, tissues.vt, ops.xp)
     atom = gaussian_atom(ops, centre, sigma_voxels * ops.h, mask)
@@ -135,7 +133,7 @@ def initial_condition(ops, geom: BoxGeometry, tissues, seed_lps, sigma_voxels: f
             "the seed is outside the brain mask of the box (no gray/white matter within "
             f"{5 * sigma_voxels:g} box voxels); move the seed or use a finer --grid")
     c0 = atom / atom.dtype.type(peak)
-    if c0_max != 1:
+    if c0_max != 1:  # (not a multiplication by 1: keeps §5 patients bit-identical to earlier ones)
         c0 = c0 * c0.dtype.type(c0_max)
     return c0.astype(ops.dtype), centre
 
@@ -213,6 +211,8 @@ def run_simulate(opt: SimulateOptions, outputs: OutputSet, progress=None, cancel
     for name in ("kappa", "rho", "gamma"):
         if getattr(opt, name) < 0:
             raise InputError(f"--{name} must be ≥ 0, got {getattr(opt, name)}")
+    if isinstance(opt.c0_max, bool) or not (isinstance(opt.c0_max, (int, float)) and 0 < opt.c0_max <= 1):
+        raise InputError(f"--c0-max must be a number in (0, 1], got {opt.c0_max}")
     rng = np.random.default_rng(opt.random_seed if opt.random_seed is not None else 0)
     seed_ijk, seed_ras = opt.seed_ijk, opt.seed_ras
     if preset is not None and seed_ijk is None and seed_ras is None:
