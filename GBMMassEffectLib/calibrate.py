@@ -25,13 +25,15 @@ Stages:
        Tumour term §5's (S1_TUMOR_MISFIT; "s1": {"tumor_misfit": "band"} as in S.3).
   Atlas choice (§6, atlases.select_atlases) by ventricle volume. When the whole tumour
        touches the patient's ventricles (tumor_borders_ventricles), a tumour label may hide
-       some of them, and §6's visible-against-whole comparison then prefers atlases with small
-       ventricles (the tc-c demo patient shows 3.0 of its ventricles' mL: §6 picked the
-       8.8–11 mL variants for the 18.6 mL true atlas). Each atlas of the set is then
-       registered (S.2's affine stage, tumour masked) and its ventricles outside the
-       registered tumour are compared instead (_atlas_ventricles_outside_tumor; a deviation
-       from §6; the tc-b / tc-c demo patients: sri24, colin27 and variants of 20–32 mL; ~1.5 s
-       per atlas at n = 32). These registrations are S.2's own when S.2 is affine only.
+       some of them and no volume comparison is fair: §6's visible-against-whole one prefers
+       atlases with small ventricles (the tc-c demo patient shows 3.0 of its ventricles' mL),
+       and visible against each atlas's ventricles outside the registered tumour prefers
+       large ones (the mass effect pushes ventricle out from under the tumour). Each atlas
+       of the set is then registered (S.2's affine stage, tumour masked) and
+       atlases.select_atlases_by_match chooses by the registration's match score (mean Dice
+       of the tissue channels outside the tumour), the best match's ventricle volume standing
+       for the patient's (_match_atlases; a deviation from §6; ~1.5 s per atlas at n = 32).
+       These registrations are S.2's own when S.2 is affine only.
   S.2  per atlas: register patient →
        atlas (registration.register_patient_to_atlas on the tissue channels, or
        register_t1), tumor masked, affine only by default (S2_DEFORMABLE: a deformable
@@ -688,16 +690,15 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     vt_ml = ventricle_volume_ml(tissue_img)
     if not vt_ml > 0:
         raise InputError("the patient has no ventricles (label 7) in its tissue map")
-    atlas_vt_ml = None
     if chosen is None and not job.atlases and tumor_borders_ventricles(tissue_img, patient):
-        atlas_vt_ml, regs = _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box_spacing,
-                                                            P, cancel)
-        notes.append("the tumour borders the patient's ventricles: the atlas choice compared the visible "
-                     "ventricles with each atlas's ventricles outside the affinely registered tumour")
+        chosen, regs = _match_atlases(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel)
+        notes.append("the tumour borders the patient's ventricles, which it may partly hide: the atlases were "
+                     "chosen by how well they match the patient's anatomy outside the tumour (affine S.2), "
+                     "not by ventricle volume alone")
         if reg_opt["deformable"] == "none":  # the same registrations S.2 would compute
             registrations.update(regs)
     if chosen is None:
-        chosen = _choose_atlases(job, aset, vt_ml, select_atlases, atlas_ventricle_ml=atlas_vt_ml)
+        chosen = _choose_atlases(job, aset, vt_ml, select_atlases)
     timings["tissue_s"] = time.perf_counter() - t0
 
     # ---- S.1 on the patient's box --------------------------------------------------------
@@ -947,7 +948,7 @@ def _box_data(ops, geom: BoxGeometry, patient: Patient):
     return d, O, core, edema
 
 
-def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False, atlas_ventricle_ml=None):
+def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False):
     atlases = [a for a in aset if a.t1_path is not None] if only_with_t1 else list(aset)
     if not atlases:
         raise InputError("no atlas of the set has a T1 image, which a T1-only patient needs")
@@ -958,9 +959,8 @@ def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False, atlas_
             raise InputError(f"atlas(es) {', '.join(missing)} not in the atlas set (have {', '.join(names)})")
         return [(names[n], "named in the job") for n in job.atlases]
     k = job.n_atlases
-    sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4, atlas_ventricle_ml=atlas_ventricle_ml)
-    return [(c.atlas, c.reason + ("" if atlas_ventricle_ml is None else " (ventricles outside the tumour)"))
-            for c in sel.choices]
+    sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4)
+    return [(c.atlas, c.reason) for c in sel.choices]
 
 
 def tumor_borders_ventricles(tissue_img: sitk.Image, patient: Patient) -> bool:
@@ -973,20 +973,20 @@ def tumor_borders_ventricles(tissue_img: sitk.Image, patient: Patient) -> bool:
     return bool((ndimage.binary_dilation(whole, np.ones((3, 3, 3), bool)) & vt).any())
 
 
-def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel):
-    """Each atlas's ventricle volume (mL) outside the patient's whole tumour, affinely
-    registered (S.2's tissue channels, tumour masked): what the patient's visible ventricle
-    volume is compared with when the tumour may hide some (a deviation from §6, which
-    compares whole volumes: a tumour hiding ventricles otherwise picks atlases with small
-    ones). Returns (name → mL, name → Registration); an atlas whose registration fails is
-    left out of both (§6 then compares its whole volume; its S.2 runs again and drops it)."""
-    from .atlases import ventricle_volume_ml
+def _match_atlases(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel):
+    """The atlas choice when the tumour borders the patient's ventricles: every atlas of the
+    set registered affinely (S.2's tissue channels, tumour masked), then
+    atlases.select_atlases_by_match on the registrations' match scores (job.n_atlases or 4
+    atlases). Returns ([(Atlas, why)], name → Registration of every atlas registered); an
+    atlas whose registration fails is not chosen; when all fail, §6's choice on the visible
+    volume is the fallback (the chosen atlases' S.2 then reports the failure)."""
+    from .atlases import AtlasError, MIN_ATLASES, select_atlases, select_atlases_by_match, ventricle_volume_ml
     from .registration import warp_to_atlas
 
     aff = dict(reg_opt, deformable="none")
     lo, hi = STAGE_SPAN["setup"]
     tumor = io.image_like(patient.whole.astype(np.float32), patient.reference)
-    vols, regs = {}, {}
+    regs, outside_ml = {}, {}
     atlases = list(aset)
     for j, atlas in enumerate(atlases):
         check_cancel(cancel)
@@ -996,13 +996,23 @@ def _atlas_ventricles_outside_tumor(job, patient, aset, tissue_img, reg_opt, box
             reg = _register(job, patient, atlas, tissue_img, aff, box_spacing,
                             P.sub("S.2", f0, f1, atlas_name=atlas.name), cancel, use_t1=False,
                             atlas_labels=labels)
-        except (ValueError, RuntimeError):  # a failed registration drops the atlas in S.2, not here
+        except (ValueError, RuntimeError):  # a failed registration leaves the atlas out of the choice
+            continue
+        if not np.isfinite(reg.quality.get("score", np.nan)):
             continue
         hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
-        outside = np.where(hidden, 0, sitk.GetArrayViewFromImage(labels))
-        vols[atlas.name] = ventricle_volume_ml(outside, labels.GetSpacing())
+        outside_ml[atlas.name] = ventricle_volume_ml(np.where(hidden, 0, sitk.GetArrayViewFromImage(labels)),
+                                                     labels.GetSpacing())
         regs[atlas.name] = reg
-    return vols, regs
+    if not regs:
+        return _choose_atlases(job, aset, ventricle_volume_ml(tissue_img), select_atlases), regs
+    try:
+        sel = select_atlases_by_match(atlases, {n: float(r.quality["score"]) for n, r in regs.items()},
+                                      n_atlases=min(job.n_atlases or MIN_ATLASES, len(regs)))
+    except (AtlasError, ValueError) as exc:
+        raise InputError(f"atlas choice: {exc}") from None
+    return [(c.atlas, f"{c.reason}; {outside_ml[c.atlas.name]:.1f} mL of its ventricles outside the tumour")
+            for c in sel.choices], regs
 
 
 def _registration_spacing(reg_opt, atlas_img, box_spacing) -> float:

@@ -163,16 +163,31 @@ def test_select_cap_of_eight():
     assert len(A.select_atlases(atl, 20.0, max_atlases=3)) == 3
 
 
-def test_select_compares_given_atlas_volumes():
-    atl = [toy_atlas(f"a{v}", v) for v in (20, 22, 30, 40)]
-    # a tumour hides part of the patient's ventricles: its visible 15 mL against each
-    # atlas's volume outside the tumour (a40 keeps 17 mL there)
-    sel = A.select_atlases(atl, 15.0, max_atlases=1, min_atlases=1, atlas_ventricle_ml={"a40": 17.0})
-    assert sel.choices[0].atlas.name == "a40" and sel.choices[0].ratio == pytest.approx(17 / 15)
-    assert "17.0 mL" in sel.summary()
-    for bad in (-1.0, math.nan, "3"):
+def test_select_by_match_centres_the_window_on_the_best_match():
+    atl = [toy_atlas(f"a{v}", v) for v in (12, 20, 22, 30, 40)]
+    match = {"a12": 0.70, "a20": 0.80, "a22": 0.75, "a30": 0.78, "a40": 0.79}
+    sel = A.select_atlases_by_match(atl, match, n_atlases=2)
+    # best match a20; a40 (x2.0) and a30 (x1.5) match better than a22 but lie outside
+    # [1/1.3, 1.3] of its 20 mL
+    assert [a.name for a in sel.atlases] == ["a20", "a22"] and sel.rule == "registration match"
+    assert sel.patient_ventricle_ml == 20 and sel.choices[1].ratio == pytest.approx(1.1)
+    assert "best anatomical match" in sel.choices[0].reason and "0.800" in sel.choices[0].reason
+    sel4 = A.select_atlases_by_match(atl, match, n_atlases=4)
+    # a22 (x1.1) joins inside the window; then the nearest in volume: a30 (x1.5) before a12 (x0.6)
+    assert [a.name for a in sel4.atlases] == ["a20", "a22", "a30", "a12"]
+    assert "nearest remaining" in sel4.choices[3].reason
+    assert {c.atlas.name for c in sel4.excluded} == {"a40"}
+    # atlases without a score are not chosen; ties broken by name
+    sel1 = A.select_atlases_by_match(atl, {"a30": 0.5, "a22": 0.5}, n_atlases=4)
+    assert [a.name for a in sel1.atlases] == ["a22", "a30"]
+    for bad in ({"a20": math.nan}, {"a20": "0.5"}, {"a20": True}):
         with pytest.raises(ValueError, match="atlas 'a20'"):
-            A.select_atlases(atl, 15.0, atlas_ventricle_ml={"a20": bad})
+            A.select_atlases_by_match(atl, bad)
+    with pytest.raises(A.AtlasError, match="no atlas"):
+        A.select_atlases_by_match(atl, {"zz": 0.9})
+    for n in (0, 9, 2.5):
+        with pytest.raises(ValueError, match="n_atlases"):
+            A.select_atlases_by_match(atl, match, n_atlases=n)
 
 
 def test_select_too_few_atlases_and_bad_input():

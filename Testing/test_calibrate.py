@@ -435,13 +435,12 @@ def test_ventricles_observed_leaves_out_the_tumour_and_one_voxel_around_it():
     assert ventricles_observed(np.zeros((4, 4, 4))).min() == 1.0
 
 
-def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(case, tmp_path, monkeypatch):
-    """A tumour over part of the patient's ventricles: the patient's own atlas, with the
-    tumour registered onto it, keeps about the visible ventricle volume (§6 would compare
-    the atlas's whole volume with the visible one and prefer atlases with small ventricles)."""
-    from GBMMassEffectLib.atlases import load_atlas_set, select_atlases, ventricle_volume_ml
-    from GBMMassEffectLib.calibrate import (_atlas_ventricles_outside_tumor, _as_progress, read_patient,
-                                            tumor_borders_ventricles)
+def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case, tmp_path, monkeypatch):
+    """A tumour over part of the patient's ventricles: no ventricle volume is fair, so the
+    atlases are chosen by the affine S.2 match outside the tumour; the patient's own anatomy
+    wins against an affinely deformed copy and a copy with larger ventricles."""
+    from GBMMassEffectLib.atlases import load_atlas_set, ventricle_volume_ml
+    from GBMMassEffectLib.calibrate import _as_progress, _match_atlases, read_patient, tumor_borders_ventricles
 
     tissue = sitk.ReadImage(str(case["tissue"]))  # the patient's flipped, shifted grid
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case["atlases"][0])))  # its anatomy, no tumour yet
@@ -455,9 +454,13 @@ def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(c
     hidden_tissue[tumor > 0] = 0
     _write(tumor, tmp_path / "tumor.nrrd", like=tissue)
     _write(hidden_tissue, tmp_path / "tissue.nrrd", like=tissue)
+    big = lab.copy()  # the same anatomy with ventricles grown one voxel into the white matter
+    big[scipy.ndimage.binary_dilation(lab == 7) & (lab == 6)] = 7
+    big_path = _write(big, tmp_path / "atlas_big.nrrd", like=sitk.ReadImage(str(case["atlases"][0])))
+    atlas_paths = [str(p) for p in case["atlases"]] + [str(tmp_path / "atlas_big.nrrd")]
     job = CalibrateJob.from_dict({"tumor_labels": str(tmp_path / "tumor.nrrd"),
                                   "tissue_labels": str(tmp_path / "tissue.nrrd"),
-                                  "atlas_set": [str(p) for p in case["atlases"]], "grid": 32,
+                                  "atlas_set": atlas_paths, "grid": 32, "n_atlases": 2,
                                   "out": str(tmp_path / "out"), "options": CHEAP})
     patient = read_patient(job)
     assert tumor_borders_ventricles(patient.tissue, patient)
@@ -466,34 +469,71 @@ def test_atlas_choice_compares_the_ventricles_outside_a_tumour_that_hides_some(c
     far = hidden_tissue.copy()
     far[near & (far == 7)] = 6
     assert (far == 7).any() and not tumor_borders_ventricles(_write(far, tmp_path / "far.nrrd", like=tissue), patient)
-    aset = load_atlas_set([str(p) for p in case["atlases"]])
-    visible = ventricle_volume_ml(patient.tissue)
-    whole = aset[0].ventricle_ml
-    assert visible < 0.8 * whole  # the tumour hides over a fifth of them
-    vols, regs = _atlas_ventricles_outside_tumor(job, patient, aset, patient.tissue, job.registration_options(),
-                                                 256.0 / 32, _as_progress(None), None)
-    assert set(vols) == set(regs) == {a.name for a in aset}
-    own = vols[aset[0].name]
-    assert abs(own - visible) < 0.1 * visible, (own, visible, whole)
-    assert all(vols[a.name] < a.ventricle_ml for a in aset)
-    # with the volumes outside the tumour the patient's own atlas is the nearest
-    sel = select_atlases(aset, visible, max_atlases=1, min_atlases=1, atlas_ventricle_ml=vols)
-    assert sel.choices[0].atlas.name == aset[0].name and abs(sel.choices[0].ratio - own / visible) < 1e-12
-    # an atlas whose registration fails is left out (§6's whole volume for it), not fatal
+    aset = load_atlas_set(atlas_paths)
+    own, shifted, grown = (a.name for a in aset)
+    assert ventricle_volume_ml(patient.tissue) < 0.8 * aset[0].ventricle_ml  # over a fifth hidden
+    assert ventricle_volume_ml(big_path) > 1.3 * aset[0].ventricle_ml
+    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+                                  _as_progress(None), None)
+    assert set(regs) == {own, shifted, grown}
+    scores = {n: r.quality["score"] for n, r in regs.items()}
+    assert scores[own] > max(scores[shifted], scores[grown]), scores
+    # the own anatomy first; the grown copy's ventricles are over 1.3x the best match's
+    assert [a.name for a, _ in chosen] == [own, shifted], (chosen, scores)
+    assert "best anatomical match" in chosen[0][1] and "outside the tumour" in chosen[0][1]
+    # an atlas whose registration fails is left out of the choice, not fatal
     import GBMMassEffectLib.calibrate as C
     from GBMMassEffectLib.registration import RegistrationError
 
     real = C._register
 
     def failing(job, patient, atlas, *a, **kw):
-        if atlas.name == aset[1].name:
+        if atlas.name == own:
             raise RegistrationError("no overlap")
         return real(job, patient, atlas, *a, **kw)
 
     monkeypatch.setattr(C, "_register", failing)
-    vols2, regs2 = _atlas_ventricles_outside_tumor(job, patient, aset, patient.tissue,
-                                                   job.registration_options(), 256.0 / 32, _as_progress(None), None)
-    assert set(vols2) == set(regs2) == {aset[0].name} and vols2[aset[0].name] == own
+    chosen2, regs2 = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+                                    _as_progress(None), None)
+    assert set(regs2) == {shifted, grown} and own not in [a.name for a, _ in chosen2] and len(chosen2) == 2
+    # every registration failing: §6's choice on the visible volume (S.2 then reports them)
+    monkeypatch.setattr(C, "_register", lambda *a, **kw: (_ for _ in ()).throw(RegistrationError("no")))
+    chosen3, regs3 = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+                                    _as_progress(None), None)
+    assert regs3 == {} and len(chosen3) == 2 and "ventricle ratio" in chosen3[0][1]
+
+
+def test_atlas_choice_finds_the_patients_anatomy_under_mass_effect(tmp_path):
+    """A patient grown with mass effect in the bundled sri24 (κ 0.015, ρ 8, γ 0.6; the tumour
+    hides part of its ventricles). The mass effect pushes ventricle out from under the
+    tumour: sri24's ventricles outside the registered tumour are fewer than the patient's
+    visible ones, so comparing those volumes passes over the patient's own atlas for ones
+    with larger ventricles. The match choice takes sri24 first and, beside it, an atlas
+    whose ventricles are within 1.3x of sri24's, not the better-matching 47 mL variant."""
+    from GBMMassEffectLib.atlases import load_atlas_set, ventricle_volume_ml
+    from GBMMassEffectLib.calibrate import _as_progress, _match_atlases, read_patient, tumor_borders_ventricles
+    from GBMMassEffectLib.progress import OutputSet
+    from GBMMassEffectLib.simulate import SimulateOptions, run_simulate
+
+    bundled = load_atlas_set()
+    names = ["sri24", "sri24-var4", "sri24-var5", "sri24-var6", "mni152-var8"]
+    aset = [bundled[n] for n in names]
+    pdir = tmp_path / "patient"
+    run_simulate(SimulateOptions(labels=str(bundled["sri24"].labels_path), out=str(pdir), preset="tc-c",
+                                 kappa=0.015, rho=8.0, gamma=0.6, grid=32, device="cpu"), OutputSet(pdir))
+    job = CalibrateJob.from_dict({"tumor_labels": str(pdir / "tumor_labels.nrrd"),
+                                  "tissue_labels": str(pdir / "patient_labels.nrrd"),
+                                  "grid": 32, "n_atlases": 2, "out": str(tmp_path / "out")})
+    patient = read_patient(job)
+    assert tumor_borders_ventricles(patient.tissue, patient)
+    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+                                  _as_progress(None), None)
+    own = chosen[0][1]
+    visible = ventricle_volume_ml(patient.tissue)
+    outside = float(own.split("; ")[-1].split(" mL")[0])
+    assert outside < 0.9 * visible, (outside, visible)  # pushed out from under the tumour
+    assert [a.name for a, _ in chosen] == ["sri24", "sri24-var4"], (chosen, {n: r.quality for n, r in regs.items()})
+    assert regs["sri24-var6"].quality["score"] > regs["sri24-var4"].quality["score"]
 
 
 def _t1_from_labels(lab):
