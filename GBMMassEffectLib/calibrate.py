@@ -38,9 +38,10 @@ Stages:
        atlas (registration.register_patient_to_atlas on the tissue channels, or
        register_t1), tumor masked, affine only by default (S2_DEFORMABLE: a deformable
        stage would fit away the ventricles' compression that S.3 measures; job option
-       registration.deformable = demons | bspline restores one). A T1-only patient's tissue
-       is derived through affine + demons on the T1 (registration.t1_deformable), and that
-       derived tissue is then registered to each atlas like a given one. Registration
+       registration.deformable = demons | bspline restores one). A T1-only patient's atlases
+       are chosen by the affine T1 match to every atlas with a T1 (_derive_tissue), its
+       tissue derived through affine + demons on the T1 (registration.t1_deformable), and
+       that derived tissue is then registered to each atlas like a given one. Registration
        runs on isotropic grids of spacing max(atlas voxel, box voxel / 2) (4 mm at n = 32,
        the atlas's 1.5 mm at n ≥ 128): finer than the box it serves, and cheap at small n.
        c0, the core and edema fractions and the patient's ventricle fraction are warped
@@ -1045,10 +1046,14 @@ def _register(job, patient, atlas, tissue_img, reg_opt, box_spacing, progress, c
 
 
 def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
-    """T1-only patient: register to a first atlas (provisional tissue → ventricle volume →
-    §6 choice), then to the chosen atlases; the best-registered atlas's labels, warped to
-    the patient (nearest neighbour), are the patient tissue."""
-    from .atlases import select_atlases, ventricle_volume_ml
+    """T1-only patient: the patient's T1 registered affinely to every atlas with a T1 (tumour
+    masked), the atlases chosen by that match (atlases.select_atlases_by_match on the
+    correlation outside the tumour; a deviation from §6, whose ventricle volume a T1 alone
+    does not give: the labels of one atlas warped onto a 5 mm-slice T1 read 47 mL for a
+    patient of 16), then the chosen ones registered with the deformable stage; the
+    best-registered atlas's labels, warped to the patient (nearest neighbour), are the
+    patient tissue. Named atlases (job.atlases) skip the affine pass."""
+    from .atlases import AtlasError, MIN_ATLASES, select_atlases_by_match
     from .registration import best_registered, warp_to_patient
 
     with_t1 = [a for a in aset if a.t1_path is not None]
@@ -1056,31 +1061,46 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
         raise InputError("no tissue segmentation given and no atlas of the set has a T1 to register the "
                          "patient's T1 to")
     lo, hi = STAGE_SPAN["setup"][1], STAGE_SPAN["S.1"][0] + 0.05
+    mid = lo + 0.3 * (hi - lo)
     t_grid = iso_grid(patient.t1, max(min(patient.t1.GetSpacing()), min(with_t1[0].voxel_mm)))
 
     def derive(atlas, reg):
         lab = warp_to_patient(atlas.read_labels(), reg, t_grid, interpolator=sitk.sitkNearestNeighbor)
         return sitk.Cast(lab, sitk.sitkUInt8)
 
+    if job.atlases:
+        chosen = _choose_atlases(job, aset, 1.0, None, only_with_t1=True)
+    else:
+        aff = dict(reg_opt, t1_deformable="none")
+        score = {}
+        for j, a in enumerate(with_t1):
+            check_cancel(cancel)
+            f0, f1 = lo + (mid - lo) * j / len(with_t1), lo + (mid - lo) * (j + 1) / len(with_t1)
+            try:
+                reg = _register(job, patient, a, None, aff, box_spacing, P.sub("S.2", f0, f1, atlas_name=a.name),
+                                cancel, True)
+            except (ValueError, RuntimeError):  # left out of the choice
+                continue
+            if np.isfinite(reg.score):
+                score[a.name] = float(reg.score)
+        if not score:
+            raise InputError("the T1 could not be registered to any atlas of the set")
+        try:
+            sel = select_atlases_by_match(with_t1, score, n_atlases=min(job.n_atlases or MIN_ATLASES, len(score)))
+        except (AtlasError, ValueError) as exc:
+            raise InputError(f"atlas choice: {exc}") from None
+        chosen = [(c.atlas, f"{c.reason} (T1, affine)") for c in sel.choices]
     regs = {}
-    first = with_t1[0]
-    regs[first.name] = _register(job, patient, first, None, reg_opt, box_spacing,
-                                 P.sub("S.2", lo, lo + 0.3 * (hi - lo), atlas=first.name), cancel, True)
-    provisional = derive(first, regs[first.name])
-    vt_ml = ventricle_volume_ml(provisional)
-    if not vt_ml > 0:
-        raise InputError("the T1 could not be registered to an atlas (no ventricles after warping)")
-    chosen = _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=True)
-    todo = [a for a, _ in chosen if a.name not in regs]
-    for j, a in enumerate(todo):
-        f0 = lo + (0.3 + 0.7 * j / len(todo)) * (hi - lo)
-        f1 = lo + (0.3 + 0.7 * (j + 1) / len(todo)) * (hi - lo)
+    for j, (a, _) in enumerate(chosen):
+        f0, f1 = mid + (hi - mid) * j / len(chosen), mid + (hi - mid) * (j + 1) / len(chosen)
         regs[a.name] = _register(job, patient, a, None, reg_opt, box_spacing, P.sub("S.2", f0, f1, atlas=a.name),
                                  cancel, True)
     names = [a.name for a, _ in chosen]
     best = names[best_registered([regs[n] for n in names])]
     tissue = derive(aset[best], regs[best])
-    return tissue, chosen, {n: regs[n] for n in names}, best
+    if not (sitk.GetArrayViewFromImage(tissue) == 7).any():
+        raise InputError("the T1 could not be registered to an atlas (no ventricles after warping)")
+    return tissue, chosen, regs, best
 
 
 def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, ops, reg_opt, s3_opt, reg,

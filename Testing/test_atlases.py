@@ -185,7 +185,8 @@ def test_select_by_match_centres_the_window_on_the_best_match():
             A.select_atlases_by_match(atl, bad)
     with pytest.raises(A.AtlasError, match="no atlas"):
         A.select_atlases_by_match(atl, {"zz": 0.9})
-    for n in (0, 9, 2.5):
+    assert len(A.select_atlases_by_match(atl, match, n_atlases=9)) == 5  # all there are
+    for n in (0, True, 2.5):
         with pytest.raises(ValueError, match="n_atlases"):
             A.select_atlases_by_match(atl, match, n_atlases=n)
 

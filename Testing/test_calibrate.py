@@ -543,6 +543,42 @@ def _t1_from_labels(lab):
     return scipy.ndimage.gaussian_filter(table[lab], 0.7)
 
 
+def test_t1_only_patient_chooses_atlases_by_the_t1_match(case, tmp_path):
+    """No tissue map: the T1 is registered affinely to every atlas with a T1 and the best
+    match chosen (here the patient's own anatomy against a copy with ventricles grown two
+    voxels, which wins a tie by name); its labels, through the deformable stage, are the tissue."""
+    from GBMMassEffectLib.atlases import load_atlas_set, make_manifest
+    from GBMMassEffectLib.calibrate import _as_progress, _derive_tissue, read_patient
+
+    aset_dir = tmp_path / "atlases"
+    aset_dir.mkdir()
+    lab_a = sitk.ReadImage(str(case["atlases"][0]))
+    arr = sitk.GetArrayFromImage(lab_a)
+    big = arr.copy()
+    big[scipy.ndimage.binary_dilation(arr == 7, iterations=2) & (arr == 6)] = 7
+    for stem, a in (("own", arr), ("big", big)):
+        _write(a, aset_dir / f"{stem}_labels.nrrd", like=lab_a)
+        _write(_t1_from_labels(a), aset_dir / f"{stem}_t1.nrrd", like=lab_a)
+    make_manifest(aset_dir)
+    pl = sitk.ReadImage(str(case["dir"] / "patient_labels.nrrd"))
+    _write(_t1_from_labels(sitk.GetArrayFromImage(pl)), tmp_path / "t1.nrrd", like=pl)
+    job = CalibrateJob.from_dict({"t1": str(tmp_path / "t1.nrrd"), "tumor_labels": str(case["tumor"]),
+                                  "atlas_set": str(aset_dir), "grid": 32, "n_atlases": 1,
+                                  "out": str(tmp_path / "out"), "options": CHEAP})
+    patient = read_patient(job)
+    aset = load_atlas_set(job.atlas_set)
+    tissue, chosen, regs, best = _derive_tissue(job, patient, aset, job.registration_options(), 8.0,
+                                                _as_progress(None), None)
+    assert [a.name for a, _ in chosen] == ["own"] and best == "own" and set(regs) == {"own"}
+    assert "best anatomical match" in chosen[0][1] and "T1, affine" in chosen[0][1]
+    assert (sitk.GetArrayViewFromImage(tissue) == 7).any()
+    # named atlases skip the affine pass
+    job.atlases = ["big"]
+    _, chosen2, regs2, best2 = _derive_tissue(job, patient, aset, job.registration_options(), 8.0,
+                                              _as_progress(None), None)
+    assert [a.name for a, _ in chosen2] == ["big"] and best2 == "big" and chosen2[0][1] == "named in the job"
+
+
 @pytest.mark.slow
 def test_clinical_like_t1_and_binary_mask(case, tmp_path):
     """Only a thick-slice T1 (4 × 4 × 12 mm) and a binary tumor mask: the tissue comes from the
