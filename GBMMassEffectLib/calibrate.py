@@ -1049,8 +1049,8 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
     """T1-only patient: the patient's T1 registered affinely to every atlas with a T1 (tumour
     masked), the atlases chosen by that match (atlases.select_atlases_by_match on the
     correlation outside the tumour; a deviation from §6, whose ventricle volume a T1 alone
-    does not give: the labels of one atlas warped onto a 5 mm-slice T1 read 47 mL for a
-    patient of 16), then the chosen ones registered with the deformable stage; the
+    does not give: one atlas's labels through affine + demons onto a 5 mm-slice T1 read
+    28 mL of ventricles for a 16 mL anatomy), then the chosen ones registered with the deformable stage; the
     best-registered atlas's labels, warped to the patient (nearest neighbour), are the
     patient tissue. Named atlases (job.atlases) skip the affine pass."""
     from .atlases import AtlasError, MIN_ATLASES, select_atlases_by_match
