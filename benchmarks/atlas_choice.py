@@ -7,7 +7,8 @@
 For each patient folder (simulate's output: tumor_labels.nrrd and patient_labels.nrrd, or
 patient_tissue_labels.nrrd from demo_patient.py) every atlas of the bundled set is registered
 as calibrate registers it for the choice (S.2's affine stage on the tissue channels, tumour
-masked), and one markdown row is printed: the patient's visible ventricles, the true
+masked), and one markdown row is printed: whether the tumour borders the ventricles
+(calibrate's condition for this choice; otherwise §6's applies), the patient's visible ventricles, the true
 atlas's ventricles outside the registered tumour over the visible ones, the true atlas's
 rank by the registration match score (mean Dice of the tissue channels outside the
 tumour), the atlases §6's window [1, 1.3] picks on visible against outside-tumour volumes
@@ -64,7 +65,8 @@ def patient_row(folder: str, truth: str, aset, n_atlases: int, grid: int) -> str
     def names(ns):
         return ", ".join(f"{n} ({aset[n].ventricle_ml:.0f})" for n in ns)
 
-    return (f"| {pathlib.Path(folder).name} | {truth} ({aset[truth].ventricle_ml:.1f}) | {visible:.1f} | "
+    borders = "yes" if C.tumor_borders_ventricles(patient.tissue, patient) else "no (§6 applies)"
+    return (f"| {pathlib.Path(folder).name} | {borders} | {truth} ({aset[truth].ventricle_ml:.1f}) | {visible:.1f} | "
             f"{ratio[truth]:.2f} | {rank} of {len(aset)} | {names(old)} | {names(new)} |")
 
 
@@ -75,9 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=int, default=32)
     args = ap.parse_args(argv)
     aset = load_atlas_set()
-    print("| patient | true atlas (ventricles mL) | visible ventricles mL | true atlas: outside / visible "
+    print("| patient | tumour borders the ventricles | true atlas (ventricles mL) | visible ventricles mL | true atlas: outside / visible "
           "| true atlas's match rank | visible vs outside, [1, 1.3] | match (calibrate) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for p in args.patients:
         folder, _, truth = p.rpartition(":")
         print(patient_row(folder, truth, aset, args.atlases, args.grid), flush=True)
