@@ -461,7 +461,8 @@ def select_atlases_by_match(atlas_set, match: Mapping[str, float], n_atlases: in
     best-matching atlas, whose whole ventricle volume V_best stands for the patient's before
     the tumour; the others come from those with V_atlas / V_best in [1/window, window],
     best match first, then the nearest in volume (|ln ratio|) up to n_atlases (calibrate:
-    --atlases K, or MIN_ATLASES). Atlases without a score are left out. AtlasChoice.ratio is V_atlas / V_best."""
+    --atlases K, or MIN_ATLASES). Atlases without a score are left out. AtlasChoice.ratio
+    is V_atlas / V_best."""
     atlases = list(atlas_set.atlases if isinstance(atlas_set, AtlasSet) else atlas_set)
     if isinstance(n_atlases, bool) or int(n_atlases) != n_atlases or n_atlases < 1:
         raise ValueError(f"select_atlases_by_match: n_atlases must be a positive integer, got {n_atlases!r}")

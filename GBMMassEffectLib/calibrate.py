@@ -1050,9 +1050,9 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
     masked), the atlases chosen by that match (atlases.select_atlases_by_match on the
     correlation outside the tumour; a deviation from §6, whose ventricle volume a T1 alone
     does not give: one atlas's labels through affine + demons onto a 5 mm-slice T1 read
-    28 mL of ventricles for a 16 mL anatomy), then the chosen ones registered with the deformable stage; the
-    best-registered atlas's labels, warped to the patient (nearest neighbour), are the
-    patient tissue. Named atlases (job.atlases) skip the affine pass."""
+    28 mL of ventricles for a 16 mL anatomy), then the chosen ones registered with the
+    deformable stage; the best-registered atlas's labels, warped to the patient (nearest
+    neighbour), are the patient tissue. Named atlases (job.atlases) skip the affine pass."""
     from .atlases import AtlasError, MIN_ATLASES, select_atlases_by_match
     from .registration import best_registered, warp_to_patient
 
