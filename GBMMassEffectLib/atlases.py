@@ -454,8 +454,8 @@ def select_atlases_by_match(atlas_set, match: Mapping[str, float], n_atlases: in
     §6 compares ventricle volumes, and a hidden part makes the patient's short. Comparing
     the visible part with each atlas's ventricles outside the registered tumour is biased
     too: the mass effect pushes ventricle out from under the tumour, so the patient's own
-    atlas keeps 0.43-0.85 of the visible volume there (eight synthetic patients,
-    benchmarks/ACCURACY.md) and [1, 1.3] then picks atlases with larger ventricles than its own.
+    atlas keeps 0.43-1.00 of the visible volume there, below 1 on ten synthetic patients
+    (benchmarks/ACCURACY.md), and [1, 1.3] then picks atlases with larger ventricles.
     Here match (name -> score, higher is better; calibrate passes the mean Dice of the
     tissue channels outside the tumour after S.2's affine registration) finds the
     best-matching atlas, whose whole ventricle volume V_best stands for the patient's before
