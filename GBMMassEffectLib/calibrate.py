@@ -692,7 +692,7 @@ def prepare_calibration(job: CalibrateJob, progress=None, cancel=None) -> Calibr
     if not vt_ml > 0:
         raise InputError("the patient has no ventricles (label 7) in its tissue map")
     if chosen is None and not job.atlases and tumor_borders_ventricles(tissue_img, patient):
-        chosen, regs = _match_atlases(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel)
+        chosen, regs = _match_atlases(job, patient, aset, tissue_img, vt_ml, reg_opt, box_spacing, P, cancel)
         notes.append("the tumour borders the patient's ventricles, which it may partly hide: the atlases were "
                      "chosen by how well they match the patient's anatomy outside the tumour (affine S.2), "
                      "not by ventricle volume alone")
@@ -949,16 +949,20 @@ def _box_data(ops, geom: BoxGeometry, patient: Patient):
     return d, O, core, edema
 
 
-def _choose_atlases(job, aset, vt_ml, select_atlases, only_with_t1=False):
-    atlases = [a for a in aset if a.t1_path is not None] if only_with_t1 else list(aset)
-    if not atlases:
-        raise InputError("no atlas of the set has a T1 image, which a T1-only patient needs")
+def _named_atlases(job, atlases) -> list:
+    """The atlases job.atlases names, [(Atlas, "named in the job")]; a name not in atlases is
+    a one-line InputError."""
+    names = {a.name: a for a in atlases}
+    missing = [n for n in job.atlases if n not in names]
+    if missing:
+        raise InputError(f"atlas(es) {', '.join(missing)} not in the atlas set (have {', '.join(names)})")
+    return [(names[n], "named in the job") for n in job.atlases]
+
+
+def _choose_atlases(job, aset, vt_ml, select_atlases):
+    atlases = list(aset)
     if job.atlases:
-        names = {a.name: a for a in atlases}
-        missing = [n for n in job.atlases if n not in names]
-        if missing:
-            raise InputError(f"atlas(es) {', '.join(missing)} not in the atlas set (have {', '.join(names)})")
-        return [(names[n], "named in the job") for n in job.atlases]
+        return _named_atlases(job, atlases)
     k = job.n_atlases
     sel = select_atlases(atlases, vt_ml, max_atlases=k or 8, min_atlases=k or 4)
     return [(c.atlas, c.reason) for c in sel.choices]
@@ -974,14 +978,12 @@ def tumor_borders_ventricles(tissue_img: sitk.Image, patient: Patient) -> bool:
     return bool((ndimage.binary_dilation(whole, np.ones((3, 3, 3), bool)) & vt).any())
 
 
-def _match_atlases(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel):
-    """The atlas choice when the tumour borders the patient's ventricles: every atlas of the
-    set registered affinely (S.2's tissue channels, tumour masked), then
-    atlases.select_atlases_by_match on the registrations' match scores (job.n_atlases or 4
-    atlases). Returns ([(Atlas, why)], name → Registration of every atlas registered); an
-    atlas whose registration fails is not chosen; when all fail, §6's choice on the visible
-    volume is the fallback (the chosen atlases' S.2 then reports the failure)."""
-    from .atlases import AtlasError, MIN_ATLASES, select_atlases, select_atlases_by_match, ventricle_volume_ml
+def _register_affine_all(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel):
+    """Every atlas of the set registered affinely (S.2's tissue channels, tumour masked), for
+    the choice by match. Returns (name → Registration, name → mL of the atlas's ventricles
+    outside the registered tumour); an atlas whose registration fails or has no match score
+    is left out of both."""
+    from .atlases import ventricle_volume_ml
     from .registration import warp_to_atlas
 
     aff = dict(reg_opt, deformable="none")
@@ -999,19 +1001,39 @@ def _match_atlases(job, patient, aset, tissue_img, reg_opt, box_spacing, P, canc
                             atlas_labels=labels)
         except (ValueError, RuntimeError):  # a failed registration leaves the atlas out of the choice
             continue
-        if not np.isfinite(reg.quality.get("score", np.nan)):
+        if not np.isfinite(reg.score):
             continue
         hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
         outside_ml[atlas.name] = ventricle_volume_ml(np.where(hidden, 0, sitk.GetArrayViewFromImage(labels)),
                                                      labels.GetSpacing())
         regs[atlas.name] = reg
-    if not regs:
-        return _choose_atlases(job, aset, ventricle_volume_ml(tissue_img), select_atlases), regs
+    return regs, outside_ml
+
+
+def _select_by_match(job, atlases, regs: dict):
+    """atlases.select_atlases_by_match on the registrations' scores (job.n_atlases or 4, at
+    most as many as were registered); a failure is a one-line InputError."""
+    from .atlases import AtlasError, MIN_ATLASES, select_atlases_by_match
+
     try:
-        sel = select_atlases_by_match(atlases, {n: float(r.quality["score"]) for n, r in regs.items()},
-                                      n_atlases=min(job.n_atlases or MIN_ATLASES, len(regs)))
+        return select_atlases_by_match(atlases, {n: r.score for n, r in regs.items()},
+                                       n_atlases=min(job.n_atlases or MIN_ATLASES, len(regs)))
     except (AtlasError, ValueError) as exc:
         raise InputError(f"atlas choice: {exc}") from None
+
+
+def _match_atlases(job, patient, aset, tissue_img, vt_ml, reg_opt, box_spacing, P, cancel):
+    """The atlas choice when the tumour borders the patient's ventricles: every atlas
+    registered affinely (_register_affine_all), then atlases.select_atlases_by_match on the
+    match scores. Returns ([(Atlas, why)], name → Registration of every atlas registered);
+    when every registration fails, §6's choice on the visible volume vt_ml is the fallback
+    (the chosen atlases' S.2 then reports the failure)."""
+    from .atlases import select_atlases
+
+    regs, outside_ml = _register_affine_all(job, patient, aset, tissue_img, reg_opt, box_spacing, P, cancel)
+    if not regs:
+        return _choose_atlases(job, aset, vt_ml, select_atlases), regs
+    sel = _select_by_match(job, list(aset), regs)
     return [(c.atlas, f"{c.reason}; {outside_ml[c.atlas.name]:.1f} mL of its ventricles outside the tumour")
             for c in sel.choices], regs
 
@@ -1053,7 +1075,6 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
     28 mL of ventricles for a 16 mL anatomy), then the chosen ones registered with the
     deformable stage; the best-registered atlas's labels, warped to the patient (nearest
     neighbour), are the patient tissue. Named atlases (job.atlases) skip the affine pass."""
-    from .atlases import AtlasError, MIN_ATLASES, select_atlases_by_match
     from .registration import best_registered, warp_to_patient
 
     with_t1 = [a for a in aset if a.t1_path is not None]
@@ -1069,10 +1090,10 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
         return sitk.Cast(lab, sitk.sitkUInt8)
 
     if job.atlases:
-        chosen = _choose_atlases(job, aset, 1.0, None, only_with_t1=True)
+        chosen = _named_atlases(job, with_t1)
     else:
         aff = dict(reg_opt, t1_deformable="none")
-        score = {}
+        affine = {}
         for j, a in enumerate(with_t1):
             check_cancel(cancel)
             f0, f1 = lo + (mid - lo) * j / len(with_t1), lo + (mid - lo) * (j + 1) / len(with_t1)
@@ -1082,14 +1103,10 @@ def _derive_tissue(job, patient, aset, reg_opt, box_spacing, P, cancel):
             except (ValueError, RuntimeError):  # left out of the choice
                 continue
             if np.isfinite(reg.score):
-                score[a.name] = float(reg.score)
-        if not score:
+                affine[a.name] = reg
+        if not affine:
             raise InputError("the T1 could not be registered to any atlas of the set")
-        try:
-            sel = select_atlases_by_match(with_t1, score, n_atlases=min(job.n_atlases or MIN_ATLASES, len(score)))
-        except (AtlasError, ValueError) as exc:
-            raise InputError(f"atlas choice: {exc}") from None
-        chosen = [(c.atlas, f"{c.reason} (T1, affine)") for c in sel.choices]
+        chosen = [(c.atlas, f"{c.reason} (T1, affine)") for c in _select_by_match(job, with_t1, affine).choices]
     regs = {}
     for j, (a, _) in enumerate(chosen):
         f0, f1 = mid + (hi - mid) * j / len(chosen), mid + (hi - mid) * (j + 1) / len(chosen)

@@ -473,7 +473,8 @@ def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case,
     own, shifted, grown = (a.name for a in aset)
     assert ventricle_volume_ml(patient.tissue) < 0.8 * aset[0].ventricle_ml  # over a fifth hidden
     assert ventricle_volume_ml(big_path) > 1.3 * aset[0].ventricle_ml
-    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
+                                  job.registration_options(), 256.0 / 32,
                                   _as_progress(None), None)
     assert set(regs) == {own, shifted, grown}
     scores = {n: r.quality["score"] for n, r in regs.items()}
@@ -493,12 +494,14 @@ def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case,
         return real(job, patient, atlas, *a, **kw)
 
     monkeypatch.setattr(C, "_register", failing)
-    chosen2, regs2 = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+    chosen2, regs2 = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
+                                  job.registration_options(), 256.0 / 32,
                                     _as_progress(None), None)
     assert set(regs2) == {shifted, grown} and own not in [a.name for a, _ in chosen2] and len(chosen2) == 2
     # every registration failing: §6's choice on the visible volume (S.2 then reports them)
     monkeypatch.setattr(C, "_register", lambda *a, **kw: (_ for _ in ()).throw(RegistrationError("no")))
-    chosen3, regs3 = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+    chosen3, regs3 = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
+                                  job.registration_options(), 256.0 / 32,
                                     _as_progress(None), None)
     assert regs3 == {} and len(chosen3) == 2 and "ventricle ratio" in chosen3[0][1]
 
@@ -526,7 +529,8 @@ def test_atlas_choice_finds_the_patients_anatomy_under_mass_effect(tmp_path):
                                   "grid": 32, "n_atlases": 2, "out": str(tmp_path / "out")})
     patient = read_patient(job)
     assert tumor_borders_ventricles(patient.tissue, patient)
-    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, job.registration_options(), 256.0 / 32,
+    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
+                                  job.registration_options(), 256.0 / 32,
                                   _as_progress(None), None)
     own = chosen[0][1]
     visible = ventricle_volume_ml(patient.tissue)

@@ -23,16 +23,11 @@ import os
 import pathlib
 import sys
 
-import numpy as np
-import SimpleITK as sitk
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import calibrate as C  # noqa: E402
-from GBMMassEffectLib import io  # noqa: E402
-from GBMMassEffectLib.atlases import WINDOW, load_atlas_set, select_atlases_by_match, ventricle_volume_ml  # noqa: E402
-from GBMMassEffectLib.registration import warp_to_atlas  # noqa: E402
+from GBMMassEffectLib.atlases import WINDOW, load_atlas_set, ventricle_volume_ml  # noqa: E402
 
 
 def patient_row(folder: str, truth: str, aset, n_atlases: int, grid: int) -> str:
@@ -40,26 +35,17 @@ def patient_row(folder: str, truth: str, aset, n_atlases: int, grid: int) -> str
     if not os.path.exists(tissue):
         tissue = os.path.join(folder, "patient_labels.nrrd")
     job = C.CalibrateJob.from_dict({"tumor_labels": os.path.join(folder, "tumor_labels.nrrd"),
-                                    "tissue_labels": tissue, "grid": grid})
+                                    "tissue_labels": tissue, "grid": grid, "n_atlases": n_atlases})
     patient = C.read_patient(job)
     visible = ventricle_volume_ml(patient.tissue)
-    aff = dict(job.registration_options(), deformable="none")
-    tumor = io.image_like(patient.whole.astype(np.float32), patient.reference)
-    outside, score = {}, {}
-    for atlas in aset:
-        labels = atlas.read_labels()
-        reg = C._register(job, patient, atlas, patient.tissue, aff, job.box_mm / grid,
-                          C._as_progress(None).sub("S.2", 0.0, 1.0, atlas_name=atlas.name), None,
-                          use_t1=False, atlas_labels=labels)
-        hidden = sitk.GetArrayFromImage(warp_to_atlas(tumor, reg, labels)) > 0.5
-        outside[atlas.name] = ventricle_volume_ml(np.where(hidden, 0, sitk.GetArrayViewFromImage(labels)),
-                                                  labels.GetSpacing())
-        score[atlas.name] = float(reg.quality["score"])
+    regs, outside = C._register_affine_all(job, patient, aset, patient.tissue, job.registration_options(),
+                                           job.box_mm / grid, C._as_progress(None), None)
+    score = {n: r.score for n, r in regs.items()}
     ratio = {n: v / visible for n, v in outside.items()}
     near = sorted(ratio, key=lambda n: (abs(math.log(max(ratio[n], 1e-9))), n))
     old = [n for n in near if WINDOW[0] <= ratio[n] <= WINDOW[1]][:n_atlases]
     old += [n for n in near if n not in old][: n_atlases - len(old)]
-    new = [a.name for a in select_atlases_by_match(aset, score, n_atlases=n_atlases).atlases]
+    new = [a.name for a in C._select_by_match(job, list(aset), regs).atlases]
     rank = sorted(score, key=lambda n: -score[n]).index(truth) + 1
 
     def names(ns):
