@@ -109,13 +109,20 @@ S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0
 #: (mass_effect_inversion's docstring); "lbfgsb" is §6's L-BFGS-B
 S3_OPTIMIZER = "gauss-newton"
 #: with the refit, S.3 may also optimise a translation of c0 of up to this many mm per axis
-#: (job option s3.c0_shift, in voxels of the grid; 0 = off, the default). Measured at 32³
-#: (README "Accuracy"): it recovers a true c0 that one translated S.1 atom reproduces
-#: exactly (concentration TC(b)-(d) all < 1%), helps on label TC(c) (eγ 13.8% → 7.6%) and
-#: sri24 (20% → 12.7%), but hurts on label TC(b) (3.3% → 6.9%), the demo patient, colin27
-#: (2.2% → 3.5%) and a c0 wider than an atom (5.4% → 7.5%): not a default until it wins
-#: where the truth is not an atom. 16 mm (one S.1 candidate spacing at 32³) was measured.
+#: (job option s3.c0_shift, in voxels of the grid; 0 = off). On a label map or masks it is
+#: off: measured at 32³ (README "Accuracy") it helps on label TC(c) (eγ 13.8% → 7.6%) but
+#: hurts on label TC(b) (3.3% → 6.9%) and the tc-b demo patient (0.5% → 35% over): labels
+#: say where the tumour is but not where its concentration peaks, so the translation has
+#: nothing to go by. A tumour concentration (synthetic studies) does say it, and there the
+#: translation is on by default (S3_C0_SHIFT_MM_CONCENTRATION): S.1's atoms sit on a lattice
+#: two box voxels apart (16 mm at 32³), fitted by a model without mass effect, so its c0 is
+#: a blend of neighbouring atoms, wider and heavier than the seed, and S.3 answers with a low
+#: ρ; translated, one atom can sit on the seed (Table 1 concentration TC(b)-(d) at 32³: every
+#: error < 1%, from eγ up to 3.6%, eu up to 8.5%; patient P1 of benchmarks/ACCURACY.md, γ 0.6
+#: in sri24, on its own atlas: γ 0.727 → 0.563, the tumour misfit J 1.45e-2 → 8.0e-4).
+#: Its price: 3 more forward solves per S.3 iteration.
 S3_C0_SHIFT_MM = 0.0
+S3_C0_SHIFT_MM_CONCENTRATION = 16.0
 #: S.3's tumour term on a label map or masks (job option s3.tumor_misfit; concentration data
 #: always uses §5's): "indicator" is §5's ½h³‖O(c(1) − d)‖², which pulls the core to c = 1;
 #: "band" (an option) reads each label boundary as an iso-contour of c(1) at the levels
@@ -138,9 +145,12 @@ S1_TUMOR_MISFIT = "indicator"
 VT_MASK_DILATION = 1
 
 
-def s3_c0_shift_voxels(grid: int, box_mm: float) -> float:
-    """S3_C0_SHIFT_MM in voxels of an n³ box of edge box_mm (MassEffectOptions.c0_shift)."""
-    return S3_C0_SHIFT_MM * grid / box_mm
+def s3_c0_shift_voxels(grid: int, box_mm: float, concentration: bool = False) -> float:
+    """S.3's default translation bound of c0 (S3_C0_SHIFT_MM, or S3_C0_SHIFT_MM_CONCENTRATION
+    when the tumour input is a concentration) in voxels of an n³ box of edge box_mm
+    (MassEffectOptions.c0_shift)."""
+    mm = S3_C0_SHIFT_MM_CONCENTRATION if concentration else S3_C0_SHIFT_MM
+    return mm * grid / box_mm
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -308,13 +318,15 @@ class CalibrateJob:
 
         d = dict(self.options.get("s3") or {})
         # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights
-        # (mass_effect_inversion's module docstring; "c0_shift": voxels also translates it).
+        # (mass_effect_inversion's module docstring); it also translates it ("c0_shift",
+        # voxels) by default on a concentration, not on labels (S3_C0_SHIFT_MM says why).
         # "c0_refit": false with "c0_pullback": K pulls it back K rounds instead;
         # "c0_refit": false alone keeps the paper's fixed c0.
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
-        d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm) if d["c0_refit"] is True else 0.0)
+        d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm, bool(self.tumor_concentration))
+                     if d["c0_refit"] is True else 0.0)
         self._label_misfit_only(d, "S.3")
         d.setdefault("tumor_misfit", S3_TUMOR_MISFIT)
         try:

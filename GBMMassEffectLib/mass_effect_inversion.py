@@ -54,7 +54,8 @@ for |S| = 5, against 4 with c0 fixed); the
 Hessian condition stays the one of (γ, ρ, κ) at the optimal q. The mass-effect model itself
 then sizes and places c0 within S.1's support, instead of S.1's model without mass effect.
 
-c0 shift (option c0_shift = b > 0, off in calibrate: calibrate.S3_C0_SHIFT_MM says why): x
+c0 shift (option c0_shift = b > 0; calibrate turns it on for a tumour concentration, off on
+labels: calibrate.S3_C0_SHIFT_MM says why): x
 also carries a translation δ ∈ [−b, b]³ (voxels of the grid) and c0 = T_δ(Σ q_i φ_i)/max
 (or T_δ c0 with c0 fixed), T_δ f = f(· − δh) by the Fourier phase exp(−ik·δh)
 (SpectralOps.translate: smooth in δ, so the FD Jacobian is too; the Nyquist mode is

@@ -20,7 +20,7 @@ import scipy.ndimage
 import SimpleITK as sitk
 
 from GBMMassEffectLib import aggregate, io
-from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, CalibrateJob, InputError
+from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, S3_C0_SHIFT_MM_CONCENTRATION, CalibrateJob, InputError
 from GBMMassEffectLib.registration import BRAIN_DICE_POOR
 from cli_helpers import assert_one_line_error as one_line_error
 from cli_helpers import run_cli, signal_cli_when
@@ -237,11 +237,20 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"optimizer": "bfgs"})
     assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
     assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
-    # the refit translates c0 by up to S3_C0_SHIFT_MM (in voxels of the grid; 0 = off, the
-    # default) or as asked; the pull-back and the paper's fixed c0 do not, unless asked
+    # the refit translates c0 by up to S3_C0_SHIFT_MM on labels (in voxels of the grid; 0 =
+    # off) and S3_C0_SHIFT_MM_CONCENTRATION (16 mm: one S.1 lattice step at 32³) on a
+    # concentration, or as asked; the pull-back and the paper's fixed c0 do not, unless asked
+    assert S3_C0_SHIFT_MM == 0 and S3_C0_SHIFT_MM_CONCENTRATION == 16.0
     assert job.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM * job.grid / job.box_mm)
     g32 = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "grid": 32})
     assert g32.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM / 8.0)
+    for n, voxels in ((32, 2.0), (64, 4.0)):  # 16 mm in 8 mm and 4 mm voxels (256 mm box)
+        cj = CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n})
+        assert cj.s3_options().c0_shift == pytest.approx(voxels)
+        assert CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n,
+                                       "options": {"s3": {"c0_shift": 0}}}).s3_options().c0_shift == 0
+        assert CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n, "options": {
+            "s3": {"c0_refit": False}}}).s3_options().c0_shift == 0
     assert o3({"c0_pullback": 2}).c0_shift == 0 and o3({"c0_refit": False}).c0_shift == 0
     assert o3({"c0_shift": 2.0}).c0_shift == 2.0 and o3({"c0_shift": 2.0}).c0_refit is True
     assert o3({"c0_refit": False, "c0_shift": 1.5}).c0_shift == 1.5 and o3({"c0_shift": 0}).c0_shift == 0
@@ -282,6 +291,34 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     with pytest.raises(InputError, match="t1_deformable"):
         CalibrateJob.from_dict({"tumor_labels": "t", "out": "o",
                                 "options": {"registration": {"t1_deformable": "elastix"}}}).registration_options()
+
+
+def test_concentration_input_through_the_whole_path(case, tmp_path):
+    """`--tumor-concentration` (synthetic studies) end to end: a c(1) on the patient's
+    flipped grid instead of labels; exit 0 with every output on the patient's geometry, and
+    S.3 translates c0 by default there (16 mm = 2 voxels at 32³: S3_C0_SHIFT_MM_CONCENTRATION),
+    within its bound, where on labels it does not (test_full_pipeline_outputs)."""
+    tumor_img = sitk.ReadImage(str(case["tumor"]))
+    t = sitk.GetArrayFromImage(tumor_img)
+    k, j, i = np.argwhere(t == 1).mean(0)
+    zz, yy, xx = np.indices(t.shape)
+    r = np.sqrt((zz - k) ** 2 + (yy - j) ** 2 + (xx - i) ** 2)
+    tissue = sitk.GetArrayFromImage(sitk.ReadImage(str(case["tissue"])))
+    conc = np.where((tissue > 0) | (t > 0), 1.0 / (1.0 + np.exp((r - 4.0) / 0.8)), 0).astype(np.float32)
+    _write(conc, tmp_path / "c.nrrd", like=tumor_img)
+    folder = _job(case, tmp_path / "job", tumor_labels=None, tumor_concentration=str(tmp_path / "c.nrrd"),
+                  atlas_set=[str(case["atlases"][0])], n_atlases=1)
+    proc, events = run_cli("calibrate", "--job", folder)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    out = folder / "out"
+    for name in OUTPUTS:
+        same_geometry(sitk.ReadImage(str(out / name)), tumor_img)
+    report = json.loads((out / "report.json").read_text())
+    assert report["effective_options"]["s3"]["c0_shift"] == pytest.approx(2.0)
+    (e,) = report["atlases"]
+    assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM_CONCENTRATION + 1e-9
+    c1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predicted_tumor.nrrd")))
+    assert c1[conc > 0.5].mean() > 0.3 > c1[conc < 0.01].mean()  # the tumour lands on the tumour
 
 
 def test_sigterm_leaves_nothing(case, tmp_path):

@@ -71,7 +71,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
-from GBMMassEffectLib.calibrate import (S1_TUMOR_MISFIT, S2_DEFORMABLE, S3_C0_SHIFT_MM, S3_OPTIMIZER, S3_TUMOR_MISFIT,  # noqa: E402
+from GBMMassEffectLib.calibrate import (S1_TUMOR_MISFIT, S2_DEFORMABLE, S3_C0_SHIFT_MM,  # noqa: E402
+                                        S3_C0_SHIFT_MM_CONCENTRATION, S3_OPTIMIZER, S3_TUMOR_MISFIT,
                                         s3_c0_shift_voxels)
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
@@ -385,6 +386,8 @@ def write_markdown(path: pathlib.Path, doc: dict) -> None:
              f"S.3 start γ, ρ, κ = {', '.join(f'{v:g}' for v in doc['start'])}; "
              f"max {doc['max_iter']} iterations, relative gradient 1e-3; S.3 optimiser: "
              f"{'/'.join(sorted({r.get('optimizer', 'lbfgsb') for r in rows}))}; "
+             f"S.3 c0 translation bound (voxels, 0 = none): "
+             f"{'/'.join(sorted({format(r.get('c0_shift_max') or 0, 'g') for r in rows}))}; "
              f"concurrent forward solves (workers): {'/'.join(sorted({str(r['workers']) for r in rows}))}; "
              f"{doc['machine']}.", "",
              "eX: relative error of X (TC(a) γ* = 0: absolute error, marked abs). eu: relative "
@@ -514,14 +517,15 @@ def main(argv=None) -> int:
                     help="width σ of the true c0 (default 8 mm = one S.1 atom at 32³; wider: no atom reproduces it)")
     ap.add_argument("--c0-shift", type=float, default=None,
                     help="with the refit, S.3 also fits a translation of c0 within this many voxels "
-                         f"(0: off; default calibrate's {S3_C0_SHIFT_MM:g} mm)")
+                         f"(0: off; default calibrate's: {S3_C0_SHIFT_MM_CONCENTRATION:g} mm on concentration "
+                         f"data, {S3_C0_SHIFT_MM:g} mm on labels)")
     ap.add_argument("--s1-coarse-factor", type=int, default=None,
                     help="S.1 coarse-to-fine from n/k (1: one grid; default calibrate's: 2 from 64³ on)")
     ap.add_argument("--verbose", action="store_true", help="log every S.3 iteration")
     args = ap.parse_args(argv)
     args.c0_refit = args.c0 == "refit"
     if args.c0_shift is None:
-        args.c0_shift = s3_c0_shift_voxels(args.grid, 256.0) if args.c0_refit else 0.0
+        args.c0_shift = s3_c0_shift_voxels(args.grid, 256.0, args.data == "concentration") if args.c0_refit else 0.0
     if args.c0 != "pullback":
         args.c0_pullback = 0
 
