@@ -54,7 +54,9 @@ Stages:
        "no" and "large" mass effect) and S.1's κ, ρ (clipped into the S.3 bounds), with
        S.1's atom weights refitted with (γ, ρ, κ) (S3_C0_REFIT, job option s3.c0_refit:
        S.1's model has no mass effect, so its c0 is sized and placed for the wrong model;
-       each support atom goes through the registration like c0; report atlases[i].c0_weights).
+       each support atom goes through the registration like c0; report atlases[i].c0_weights),
+       on a tumour concentration also translated by up to 16 mm (S3_C0_SHIFT_MM_CONCENTRATION;
+       report atlases[i].c0_shift_mm).
        "c0_pullback": K instead pulls S.1's c0 back K rounds with S.3's displacement; both
        off is the paper's fixed c0 (mass_effect_inversion's docstring). The optimiser is
        Gauss-Newton on the residual's FD Jacobian (S3_OPTIMIZER; "s3": {"optimizer":
