@@ -421,6 +421,16 @@ def test_cohort_workers_keep_glibc_malloc_defaults():
 
 
 # ---- aggregation (pure) ------------------------------------------------------------------------
+def _match_on_visible(job, patient, aset):
+    """calibrate._match_atlases as prepare_calibration calls it for a 32³ job: the patient's
+    own tissue map, its visible ventricle volume as the fallback's, no progress, no cancel."""
+    from GBMMassEffectLib.atlases import ventricle_volume_ml
+    from GBMMassEffectLib.calibrate import _as_progress, _match_atlases
+
+    return _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
+                          job.registration_options(), 256.0 / 32, _as_progress(None), None)
+
+
 def _entry(name, **kw):
     e = {"name": name, "failed": False, "kappa": 0.02, "rho": 10.0, "gamma": 0.5, "max_u_mm": 10.0,
          "max_u_domain": 0.25, "relative_tumor_error": 0.3, "hessian_condition": 50.0}
@@ -477,7 +487,7 @@ def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case,
     atlases are chosen by the affine S.2 match outside the tumour; the patient's own anatomy
     wins against an affinely deformed copy and a copy with larger ventricles."""
     from GBMMassEffectLib.atlases import load_atlas_set, ventricle_volume_ml
-    from GBMMassEffectLib.calibrate import _as_progress, _match_atlases, read_patient, tumor_borders_ventricles
+    from GBMMassEffectLib.calibrate import read_patient, tumor_borders_ventricles
 
     tissue = sitk.ReadImage(str(case["tissue"]))  # the patient's flipped, shifted grid
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case["atlases"][0])))  # its anatomy, no tumour yet
@@ -510,9 +520,7 @@ def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case,
     own, shifted, grown = (a.name for a in aset)
     assert ventricle_volume_ml(patient.tissue) < 0.8 * aset[0].ventricle_ml  # over a fifth hidden
     assert ventricle_volume_ml(big_path) > 1.3 * aset[0].ventricle_ml
-    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
-                                  job.registration_options(), 256.0 / 32,
-                                  _as_progress(None), None)
+    chosen, regs = _match_on_visible(job, patient, aset)
     assert set(regs) == {own, shifted, grown}
     scores = {n: r.quality["score"] for n, r in regs.items()}
     assert scores[own] > max(scores[shifted], scores[grown]), scores
@@ -531,15 +539,11 @@ def test_atlas_choice_by_anatomical_match_when_the_tumour_hides_ventricles(case,
         return real(job, patient, atlas, *a, **kw)
 
     monkeypatch.setattr(C, "_register", failing)
-    chosen2, regs2 = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
-                                  job.registration_options(), 256.0 / 32,
-                                    _as_progress(None), None)
+    chosen2, regs2 = _match_on_visible(job, patient, aset)
     assert set(regs2) == {shifted, grown} and own not in [a.name for a, _ in chosen2] and len(chosen2) == 2
     # every registration failing: §6's choice on the visible volume (S.2 then reports them)
     monkeypatch.setattr(C, "_register", lambda *a, **kw: (_ for _ in ()).throw(RegistrationError("no")))
-    chosen3, regs3 = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
-                                  job.registration_options(), 256.0 / 32,
-                                    _as_progress(None), None)
+    chosen3, regs3 = _match_on_visible(job, patient, aset)
     assert regs3 == {} and len(chosen3) == 2 and "ventricle ratio" in chosen3[0][1]
 
 
@@ -551,7 +555,7 @@ def test_atlas_choice_finds_the_patients_anatomy_under_mass_effect(tmp_path):
     with larger ventricles. The match choice takes sri24 first and, beside it, an atlas
     whose ventricles are within 1.3x of sri24's, not the better-matching 47 mL variant."""
     from GBMMassEffectLib.atlases import load_atlas_set, ventricle_volume_ml
-    from GBMMassEffectLib.calibrate import _as_progress, _match_atlases, read_patient, tumor_borders_ventricles
+    from GBMMassEffectLib.calibrate import read_patient, tumor_borders_ventricles
     from GBMMassEffectLib.progress import OutputSet
     from GBMMassEffectLib.simulate import SimulateOptions, run_simulate
 
@@ -566,9 +570,7 @@ def test_atlas_choice_finds_the_patients_anatomy_under_mass_effect(tmp_path):
                                   "grid": 32, "n_atlases": 2, "out": str(tmp_path / "out")})
     patient = read_patient(job)
     assert tumor_borders_ventricles(patient.tissue, patient)
-    chosen, regs = _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
-                                  job.registration_options(), 256.0 / 32,
-                                  _as_progress(None), None)
+    chosen, regs = _match_on_visible(job, patient, aset)
     own = chosen[0][1]
     visible = ventricle_volume_ml(patient.tissue)
     outside = float(own.split("; ")[-1].split(" mL")[0])
