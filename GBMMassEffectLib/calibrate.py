@@ -539,6 +539,24 @@ def warp_fraction_to_box(img: sitk.Image, reg, geom: BoxGeometry, m: int) -> np.
     return a.astype(np.float32)
 
 
+def concentration_to_box(img: sitk.Image, geom: BoxGeometry, reg=None) -> np.ndarray:
+    """A patient-space tumour concentration → the box, *sampled* at the box voxel centres
+    (through reg.forward when given; linear interpolation of the image there), not averaged
+    over each voxel as the fractions are. The model's grid values are point values of c
+    (§3), and a voxel mean of a peaked concentration is wider than its point values: the
+    box filter adds h²/12 to its variance per axis, and on a patient from `simulate` (its box
+    solution interpolated linearly onto the image) the mean over the same box adds h²/4,
+    which S.3 read as diffusion (32³, P1 of ACCURACY.md on its own atlas, true c0, data
+    through the average: κ 102% over, ρ 9% under, γ 11.5% over; sampled: the box solution
+    itself, every error < 1%)."""
+    from .registration import warp_to_atlas
+
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    if reg is None:
+        return geom.to_box(img, "linear", dtype=np.float32)
+    return sitk.GetArrayFromImage(warp_to_atlas(img, reg, geom.reference_image())).astype(np.float32)
+
+
 def ventricles_observed(whole_fraction: np.ndarray) -> np.ndarray:
     """Where S.3's ventricle term compares (1) or not (0): outside the whole tumour (box
     fraction > 0.5) dilated by one voxel, since a tumour label hides the tissue under it
@@ -873,7 +891,7 @@ class CalibrationAssembly:
         put("displacement_norm.nrrd", acc.mean("displacement_norm"))
         put("displacement_norm_std.nrrd", acc.std("displacement_norm"))
         put("displacement.nrrd", acc.mean("displacement"), vector=True)
-        c0_ref = sitk.GetArrayFromImage(sitk.Clamp(geom_p.from_box(setup.c0_box, ref, "linear"),
+        c0_ref = sitk.GetArrayFromImage(sitk.Clamp(geom_p.from_box(setup.c0_box, ref, "cubic"),
                                                    sitk.sitkFloat32, 0.0, 1.0))
         put("initial_condition.nrrd", c0_ref)
         for t in setup.pred_times:
@@ -948,7 +966,7 @@ def _box_data(ops, geom: BoxGeometry, patient: Patient):
     ref = patient.reference
     xp = ops.xp
     if patient.concentration is not None:
-        c = geom.to_box(io.image_like(patient.concentration, ref), "fraction", dtype=np.dtype(ops.dtype))
+        c = concentration_to_box(io.image_like(patient.concentration, ref), geom)
         d = xp.asarray(np.clip(c, 0, 1), dtype=ops.dtype)
         return d, None, None, None
     core = geom.to_box(io.image_like(patient.core, ref), "fraction", dtype=np.dtype(ops.dtype))
@@ -1166,19 +1184,22 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     T_a = box_tissues(geom_a, atlas_labels, ops)
     ref = patient.reference
     m = supersample_factor(geom_a, min(ref.GetSpacing()))
-    # c0: the patient-box c0 through the registration, max 1 (§6 S.3)
-    c0_a = sitk.GetArrayFromImage(warp_to_atlas(c0_img_p, reg, geom_a.reference_image())).astype(np.float64)
+    # c0: the patient-box c0 through the registration, max 1 (§6 S.3); cubic, as an atom one
+    # voxel wide drawn linearly between the boxes' nodes widens by up to a quarter voxel²
+    c0_a = sitk.GetArrayFromImage(warp_to_atlas(c0_img_p, reg, geom_a.reference_image(),
+                                                sitk.sitkBSpline)).astype(np.float64)
     c0_a = np.clip(c0_a, 0, None)
     if not c0_a.max() > 1e-3:
         raise ValueError(f"atlas {atlas.name}: the initial condition falls outside the atlas after registration")
     c0_a = xp.asarray(c0_a / c0_a.max(), dtype=dt)
     atoms_a = None
     if atoms_p is not None:  # each S.1 atom through the same registration (c0_refit)
-        atoms_a = np.stack([np.clip(sitk.GetArrayFromImage(warp_to_atlas(a, reg, geom_a.reference_image())), 0, None)
+        atoms_a = np.stack([np.clip(sitk.GetArrayFromImage(warp_to_atlas(a, reg, geom_a.reference_image(),
+                                                                         sitk.sitkBSpline)), 0, None)
                             for a in atoms_p[0]]).astype(np.float64)
     labels_a = None
     if patient.concentration is not None:
-        d_a = xp.asarray(np.clip(warp_fraction_to_box(io.image_like(patient.concentration, ref), reg, geom_a, m),
+        d_a = xp.asarray(np.clip(concentration_to_box(io.image_like(patient.concentration, ref), geom_a, reg),
                                  0, 1), dtype=dt)
         O_a = None
     else:

@@ -33,6 +33,7 @@ _INTERP = {
     "label": sitk.sitkNearestNeighbor,
     "nearest": sitk.sitkNearestNeighbor,
     "linear": sitk.sitkLinear,
+    "cubic": sitk.sitkBSpline,  # interpolating cubic B-spline (ITK prefilters the samples)
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+import types
 
 import numpy as np
 import pytest
@@ -728,3 +729,40 @@ def test_brats_label_3_is_tumour_core(case, tmp_path):
         read_patient(job)  # (the case's tissue map still says 5 for gray matter)
     from GBMMassEffectLib.calibrate import _core_values
     assert _core_values(job) == [1, 4]
+
+
+def test_concentration_is_sampled_at_the_box_nodes_not_averaged():
+    """calibrate.concentration_to_box: a tumour concentration on a finer image enters the box
+    as point values (the model's grid values are), so a peak one box voxel wide keeps its
+    width; the voxel mean (how fractions enter) widens it by h²/12 per axis, which S.3
+    read as diffusion (κ 102% over on P1 of ACCURACY.md with the true c0 and atlas)."""
+    from GBMMassEffectLib.calibrate import concentration_to_box
+    from GBMMassEffectLib.geometry import BoxGeometry
+
+    geom = BoxGeometry(32, 256.0, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    centre_mm = geom.index_to_physical([16.3, 15.6, 16.45])
+    spacing = 1.0
+    size = 96
+    origin = centre_mm - spacing * (size - 1) / 2 + 0.31
+    ijk = np.indices((size,) * 3)[::-1].reshape(3, -1).astype(float)
+    pts = origin[:, None] + spacing * ijk
+    sigma_mm = geom.spacing  # one box voxel
+    c = np.exp(-((pts - centre_mm[:, None]) ** 2).sum(0) / (2 * sigma_mm**2)).reshape((size,) * 3)
+    img = sitk.GetImageFromArray(c.astype(np.float32))
+    img.SetSpacing((spacing,) * 3)
+    img.SetOrigin(tuple(float(v) for v in origin))
+
+    def variance(a):
+        idx = np.indices(a.shape).reshape(3, -1).astype(float)
+        w = a.ravel() / a.sum()
+        mu = idx @ w
+        return ((idx - mu[:, None]) ** 2) @ w
+
+    sampled = concentration_to_box(img, geom)
+    averaged = geom.to_box(img, "fraction", dtype=np.float64)
+    assert sampled.dtype == np.float32 and sampled.shape == geom.shape
+    assert np.abs(variance(sampled.astype(float)) - 1.0).max() < 0.01  # σ² = 1 voxel²
+    assert variance(averaged).min() > 1.0 + 1 / 12 - 0.02  # the bias the sampling avoids
+    # through a registration (identity here) the same samples
+    reg = types.SimpleNamespace(forward=sitk.Transform(), inverse=sitk.Transform())
+    np.testing.assert_allclose(concentration_to_box(img, geom, reg), sampled, atol=1e-6)

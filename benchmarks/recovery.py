@@ -267,19 +267,23 @@ def warp_patient_to(patient: Patient, target: Anatomy, ops: SpectralOps, c0,
                                     deformable=deformable, sigma_field=sigma_field)
     sec = time.perf_counter() - t
 
-    def warp(a, default=0.0):
-        img = warp_to_atlas(gp.image(to_numpy(a).astype(np.float32)), reg, default=default)
+    def warp(a, default=0.0, interpolator=sitk.sitkLinear):
+        img = warp_to_atlas(gp.image(to_numpy(a).astype(np.float32)), reg, default=default,
+                            interpolator=interpolator)
         return ops.xp.asarray(sitk.GetArrayFromImage(img), dtype=ops.dtype)
 
-    c0w = warp(c0)
+    def warp_peaked(a):  # c0, its atoms, a concentration: cubic, as calibrate does (_one_atlas)
+        return ops.xp.clip(warp(a, interpolator=sitk.sitkBSpline), 0, None)
+
+    c0w = warp_peaked(c0)
     c0w = c0w / ops.dtype.type(float(ops.xp.max(c0w)))
-    d = warp(patient.d)
+    d = warp_peaked(patient.d) if patient.O is None else warp(patient.d)
     O = None if patient.O is None else ops.xp.where(warp(patient.O, 1.0) > 0.5, 1.0, 0.0).astype(ops.dtype)
     vt_p = warp(patient.vt)
     info = {"registration_seconds": sec, "registration_score": reg.score,
             "registration_method": reg.method, "registration_sigma_field": sigma_field}
     if atoms is not None:
-        info["atoms"] = np.stack([to_numpy(warp(a)) for a in atoms])
+        info["atoms"] = np.stack([to_numpy(warp_peaked(a)) for a in atoms])
     if patient.labels is not None:
         info["labels"] = tuple(warp(a) for a in patient.labels)
     log(f"S.2 {patient.anatomy.name} → {target.name}: score {reg.score:.3f} ({sec:.0f} s)")
