@@ -1,0 +1,107 @@
+"""How the way a tumour concentration reaches the box biases S.3 (ACCURACY.md, session 19).
+
+    python benchmarks/data_path.py PATIENT ATLAS_LABELS [--grid 32] [--spread-only]
+
+PATIENT is a `gbm-calibrate simulate` folder made from ATLAS_LABELS (its ground_truth.json
+gives the seed and κ, ρ, γ). The script rebuilds the patient's box solution from the truth,
+then runs S.3 (c0 fixed at the true c0, the true atlas, no registration, started 10% off)
+on four versions of the same data and prints a markdown table of the recovered γ, ρ, κ:
+
+- the box solution itself (the inverse crime: every error should be ~0);
+- drawn onto the input image linearly, then the voxel mean over each box voxel (how
+  calibrate read a concentration before session 19);
+- drawn linearly, sampled at the box nodes (calibrate.concentration_to_box);
+- drawn with cubic B-splines (what simulate writes now), sampled at the box nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("patient", type=pathlib.Path, help="a gbm-calibrate simulate output folder")
+    ap.add_argument("atlas", type=pathlib.Path, help="the label map it was made from")
+    ap.add_argument("--grid", type=int, default=None, help="box grid (default: the patient's)")
+    ap.add_argument("--maxiter", type=int, default=30)
+    ap.add_argument("--spread-only", action="store_true", help="print the spreads, skip S.3")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from GBMMassEffectLib import io
+    from GBMMassEffectLib.backend import get_backend, to_numpy
+    from GBMMassEffectLib.calibrate import concentration_to_box
+    from GBMMassEffectLib.forward import ForwardParams, run_forward
+    from GBMMassEffectLib.geometry import box_for_image
+    from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
+    from GBMMassEffectLib.simulate import box_tissues, initial_condition
+    from GBMMassEffectLib.spectral import SpectralOps
+
+    gt = json.loads((args.patient / "ground_truth.json").read_text())
+    labels = io.read_label_map(str(args.atlas), what="atlas label map")
+    n = args.grid or int(gt["grid"])
+    geom = box_for_image(labels, n, float(gt["box_mm"]))
+    ops = SpectralOps(n, get_backend("cpu", "float64"))
+    T = box_tissues(geom, labels, ops)
+    c0, _ = initial_condition(ops, geom, T, np.asarray(gt["seed"]["lps_mm"]), float(gt["sigma_voxels"]),
+                              float(gt["c0_max"]))
+    truth = {k: float(gt[k]) for k in ("kappa", "rho", "gamma")}
+    fwd = run_forward(ops, T, c0, ForwardParams(**truth, nt=int(gt["nt"]), dt=float(gt["dt"])))
+    c1 = np.clip(to_numpy(fwd.c).astype(np.float64), 0, 1)  # as every path below clips
+    vt = ops.smooth(fwd.tissues.vt)
+    box_img = geom.image(c1.astype(np.float32))
+
+    def drawn(interp):
+        img = sitk.Resample(box_img, labels, sitk.Transform(), interp, 0.0, sitk.sitkFloat32)
+        return sitk.Clamp(img, sitk.sitkFloat32, 0.0, 1.0)
+
+    lin, cub = drawn(sitk.sitkLinear), drawn(sitk.sitkBSpline)
+    m = int(min(4, max(1, np.ceil(geom.spacing / min(labels.GetSpacing()) - 1e-9))))
+    variants = [
+        ("the box solution itself", c1),
+        ("linear drawing, voxel mean", geom.to_box(lin, "fraction", dtype=np.float64, supersample=m)),
+        ("linear drawing, sampled", concentration_to_box(lin, geom)),
+        ("cubic drawing, sampled", concentration_to_box(cub, geom)),
+    ]
+
+    tumour = c1 > 0.02  # the spread where the tumour is (the tails' sign changes would dominate)
+
+    def variance(a):
+        idx = np.indices(a.shape).reshape(3, -1).astype(float)
+        w = np.where(tumour, a, 0.0).ravel()
+        w = w / w.sum()
+        mu = idx @ w
+        return ((idx - mu[:, None]) ** 2) @ w
+
+    opt = MassEffectOptions(maxiter=args.maxiter, hessian=False)
+    start = {"gamma": 1.1 * truth["gamma"], "rho": 0.9 * truth["rho"], "kappa": 1.1 * truth["kappa"]}
+    e = lambda v, t: f"{v:.4g} ({100 * (v / t - 1):+.1f}%)"  # noqa: E731
+    print(f"{args.patient}: truth γ {truth['gamma']}, ρ {truth['rho']}, κ {truth['kappa']}; {n}³, true c0 and "
+          f"atlas, S.3 from 10% off\n")
+    print("| data | spread − the box's (voxel², per axis, where c > 0.02) | γ | ρ | κ | its | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    v0 = variance(c1)
+    for name, d in variants:
+        d = np.clip(np.asarray(d, np.float64), 0, 1)
+        dv = ", ".join(f"{v:+.3f}" for v in variance(d) - v0)
+        if args.spread_only:
+            print(f"| {name} | {dv} | | | | | |")
+            continue
+        t = time.perf_counter()
+        r = invert_mass_effect(ops, T, c0, ops.xp.asarray(d), None, vt, initial=start, options=opt)
+        print(f"| {name} | {dv} | {e(r.gamma, truth['gamma'])} | {e(r.rho, truth['rho'])} | "
+              f"{e(r.kappa, truth['kappa'])} | {r.nit} | {time.perf_counter() - t:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
