@@ -544,11 +544,11 @@ def concentration_to_box(img: sitk.Image, geom: BoxGeometry, reg=None) -> np.nda
     (through reg.forward when given; linear interpolation of the image there), not averaged
     over each voxel as the fractions are. The model's grid values are point values of c
     (§3), and a voxel mean of a peaked concentration is wider than its point values: the
-    box filter adds h²/12 to its variance per axis, and on a patient from `simulate` (its box
-    solution interpolated linearly onto the image) the mean over the same box adds h²/4,
-    which S.3 read as diffusion (32³, P1 of ACCURACY.md on its own atlas, true c0, data
-    through the average: κ 102% over, ρ 9% under, γ 11.5% over; sampled: the box solution
-    itself, every error < 1%)."""
+    box filter adds h²/12 to its variance per axis, and on a patient that `simulate` drew
+    linearly onto the image (before it drew cubically) the mean over the same box added
+    h²/4, which S.3 read as diffusion (32³, P1 of ACCURACY.md on its own atlas, true c0:
+    data averaged κ 103% over, ρ 9% under, γ 11% over; sampled from the cubic drawing κ
+    1.7%, ρ 0.3%, γ 0.6%; benchmarks/data_path.py)."""
     from .registration import warp_to_atlas
 
     img = sitk.Cast(img, sitk.sitkFloat32)

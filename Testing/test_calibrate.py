@@ -735,7 +735,7 @@ def test_concentration_is_sampled_at_the_box_nodes_not_averaged():
     """calibrate.concentration_to_box: a tumour concentration on a finer image enters the box
     as point values (the model's grid values are), so a peak one box voxel wide keeps its
     width; the voxel mean (how fractions enter) widens it by h²/12 per axis, which S.3
-    read as diffusion (κ 102% over on P1 of ACCURACY.md with the true c0 and atlas)."""
+    read as diffusion (κ 103% over on P1 of ACCURACY.md with the true c0 and atlas)."""
     from GBMMassEffectLib.calibrate import concentration_to_box
     from GBMMassEffectLib.geometry import BoxGeometry
 
