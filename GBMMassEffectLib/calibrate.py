@@ -19,7 +19,8 @@ Stages:
        patient's nearest LPS axes, centre on a multiple of two box voxels, so that one
        anatomy gets one box and one candidate lattice however it is stored: oblique,
        flipped or another field of view): tissue fractions with the tumor counted as
-       white matter, d = tumor-core indicator smoothed one voxel (or the concentration),
+       white matter, d = tumor-core indicator smoothed one voxel (or the concentration,
+       sampled at the box nodes: concentration_to_box),
        O = 0 on edema; sparse_ic.solve_s1 → c0 (max 1), κ, ρ: one grid below 64³,
        coarse-to-fine from n/2 from 64³ on (job option s1.coarse_factor; 1 = one grid).
        Tumour term §5's (S1_TUMOR_MISFIT; "s1": {"tumor_misfit": "band"} as in S.3).
@@ -64,7 +65,8 @@ Stages:
        fewer forward solves.
        The tumour term is §5's (S3_TUMOR_MISFIT); on labels or masks "s3": {"tumor_misfit":
        "band"} reads each label boundary as an iso-contour of c(1) instead, with the warped
-       core and edema fractions; a concentration is compared as is.
+       core and edema fractions; a concentration is compared as is (sampled at the atlas
+       box nodes through the registration; c0 and its atoms are warped cubically).
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
