@@ -13,8 +13,9 @@
 4. The §3 forward model (forward.run_forward), CFL violations are errors.
 5. Back onto the input grid (sitk.Resample with the input as reference): c0 and c(1)
    cubic (B-spline interpolation, clipped to [0, 1]), tissue fractions linear, u as LPS
-   millimetres (u_mm = (L/2π)·D_box·u), |u| in mm, deformed labels as the argmax of the deformed fractions (bg 0, gm 5, wm 6, vt 7, csf 8), tumor 1 where c(1)
-   exceeds every tissue fraction.
+   millimetres (u_mm = (L/2π)·D_box·u), |u| in mm, deformed labels as the argmax of the
+   deformed fractions (bg 0, gm 5, wm 6, vt 7, csf 8), tumor 1 where c(1) exceeds every
+   tissue fraction.
 Outputs are written atomically through progress.OutputSet, report.json last.
 
 displacement.nrrd holds the model's u at the deformed position x (tissue now at x came
