@@ -1186,19 +1186,19 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     T_a = box_tissues(geom_a, atlas_labels, ops)
     ref = patient.reference
     m = supersample_factor(geom_a, min(ref.GetSpacing()))
-    # c0: the patient-box c0 through the registration, max 1 (§6 S.3); cubic, as an atom one
-    # voxel wide drawn linearly between the boxes' nodes widens by up to a quarter voxel²
-    c0_a = sitk.GetArrayFromImage(warp_to_atlas(c0_img_p, reg, geom_a.reference_image(),
-                                                sitk.sitkBSpline)).astype(np.float64)
-    c0_a = np.clip(c0_a, 0, None)
+
+    def warp_peaked(img):  # c0 and its atoms: cubic, as an atom one voxel wide drawn linearly
+        # between the boxes' nodes widens by up to a quarter voxel²; ≥ 0
+        a = sitk.GetArrayFromImage(warp_to_atlas(img, reg, geom_a.reference_image(), sitk.sitkBSpline))
+        return np.clip(a, 0, None).astype(np.float64)
+
+    c0_a = warp_peaked(c0_img_p)  # the patient-box c0 through the registration, max 1 (§6 S.3)
     if not c0_a.max() > 1e-3:
         raise ValueError(f"atlas {atlas.name}: the initial condition falls outside the atlas after registration")
     c0_a = xp.asarray(c0_a / c0_a.max(), dtype=dt)
     atoms_a = None
     if atoms_p is not None:  # each S.1 atom through the same registration (c0_refit)
-        atoms_a = np.stack([np.clip(sitk.GetArrayFromImage(warp_to_atlas(a, reg, geom_a.reference_image(),
-                                                                         sitk.sitkBSpline)), 0, None)
-                            for a in atoms_p[0]]).astype(np.float64)
+        atoms_a = np.stack([warp_peaked(a) for a in atoms_p[0]])
     labels_a = None
     if patient.concentration is not None:
         d_a = xp.asarray(np.clip(concentration_to_box(io.image_like(patient.concentration, ref), geom_a, reg),
