@@ -1,0 +1,110 @@
+"""What S.3 makes of BraTS labels when everything else is true (ACCURACY.md, session 20).
+
+    python benchmarks/label_data.py PATIENT ATLAS_LABELS [--grid N] [--maxiter 30]
+
+PATIENT is a `gbm-calibrate simulate` folder made from ATLAS_LABELS. The script rebuilds
+the patient's true c0 and atlas tissues in the box, then runs S.3 (c0 fixed at the true c0,
+the true atlas, no registration, the patient's ventricles the model's own vt(1), started
+10% off) on several readings of the patient's BraTS labels (tumor_labels.nrrd, read as
+calibrate reads them: core = necrotic ∪ enhancing as box fractions, edema likewise) and
+prints a markdown table of the recovered γ, ρ, κ. The concentration row is the reference:
+what the same S.3 recovers from the tumour concentration itself. The label rows: §5's core
+indicator smoothed one box voxel with O = 0 on edema (what calibrate does), unsmoothed, the
+core's box fraction unsmoothed, the label band, and both with the edema read as the whole
+tumour's fraction > 0.5 outside the core (a mixed voxel of core and edema is then edema).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("patient", type=pathlib.Path, help="a gbm-calibrate simulate output folder")
+    ap.add_argument("atlas", type=pathlib.Path, help="the label map it was made from")
+    ap.add_argument("--grid", type=int, default=None, help="box grid (default: the patient's)")
+    ap.add_argument("--maxiter", type=int, default=30)
+    ap.add_argument("--only", nargs="*", default=None, help="run only the rows whose name starts with these")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from GBMMassEffectLib import io
+    from GBMMassEffectLib.backend import get_backend, to_numpy
+    from GBMMassEffectLib.calibrate import concentration_to_box
+    from GBMMassEffectLib.forward import ForwardParams, run_forward
+    from GBMMassEffectLib.geometry import box_for_image
+    from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
+    from GBMMassEffectLib.observation import observation_operator
+    from GBMMassEffectLib.presets import BRATS_LABELS
+    from GBMMassEffectLib.simulate import box_tissues, initial_condition
+    from GBMMassEffectLib.spectral import SpectralOps
+
+    gt = json.loads((args.patient / "ground_truth.json").read_text())
+    labels = io.read_label_map(str(args.atlas), what="atlas label map")
+    n = args.grid or int(gt["grid"])
+    geom = box_for_image(labels, n, float(gt["box_mm"]))
+    ops = SpectralOps(n, get_backend("cpu", "float64"))
+    xp = ops.xp
+    T = box_tissues(geom, labels, ops)
+    c0, _ = initial_condition(ops, geom, T, np.asarray(gt["seed"]["lps_mm"]), float(gt["sigma_voxels"]),
+                              float(gt["c0_max"]))
+    truth = {k: float(gt[k]) for k in ("kappa", "rho", "gamma")}
+    fwd = run_forward(ops, T, c0, ForwardParams(**truth, nt=int(gt["nt"]), dt=float(gt["dt"])))
+    vt = ops.smooth(fwd.tissues.vt)
+
+    tl = sitk.ReadImage(str(args.patient / "tumor_labels.nrrd"))
+    arr = sitk.GetArrayFromImage(tl)
+    core_img = io.image_like(np.isin(arr, [BRATS_LABELS["necrotic"], BRATS_LABELS["enhancing"]]).astype(np.float32), tl)
+    edema_img = io.image_like((arr == BRATS_LABELS["edema"]).astype(np.float32), tl)
+    core = xp.asarray(geom.to_box(core_img, "fraction", dtype=np.float64))
+    edema = xp.asarray(geom.to_box(edema_img, "fraction", dtype=np.float64))
+    O = observation_operator(ops, core, edema)
+    whole = xp.asarray(geom.to_box(io.image_like((arr > 0).astype(np.float32), tl), "fraction", dtype=np.float64))
+    edema_w = ((whole > 0.5) & (core <= 0.5)).astype(np.float64)  # the whole tumour's fraction > 0.5
+    O_w = observation_operator(ops, core, edema_w)
+    ind = (core > 0.5).astype(np.float64)
+    conc = xp.asarray(np.clip(concentration_to_box(sitk.ReadImage(str(args.patient / "tumor_concentration.nrrd")),
+                                                   geom), 0, 1))
+
+    c1 = np.clip(to_numpy(fwd.c), 0, 1)
+    on_core = to_numpy(ind) > 0
+    print(f"{args.patient}: truth γ {truth['gamma']}, ρ {truth['rho']}, κ {truth['kappa']}; {n}³, true c0 and "
+          f"atlas, S.3 from 10% off; true c(1) on the core: mean {c1[on_core].mean():.3f}, "
+          f"min {c1[on_core].min():.3f}\n")
+
+    rows = [  # name, d, O, option overrides
+        ("concentration (reference)", conc, None, {}),
+        ("indicator smoothed one voxel, O (calibrate now)", ops.smooth(ind), O, {}),
+        ("indicator unsmoothed, O", ind, O, {}),
+        ("core fraction unsmoothed, O", core, O, {}),
+        ("label band (edema: its own fraction > 0.5)", ops.smooth(ind), O, {"tumor_misfit": "band"}),
+        ("indicator smoothed one voxel, O from the whole tumour", ops.smooth(ind), O_w, {}),
+        ("band from the whole tumour", ops.smooth(ind), O_w, {"tumor_misfit": "band"}),
+    ]
+    start = {"gamma": 1.1 * truth["gamma"], "rho": 0.9 * truth["rho"], "kappa": 1.1 * truth["kappa"]}
+    e = lambda v, t: f"{v:.4g} ({100 * (v / t - 1):+.1f}%)"  # noqa: E731
+    print("| data | γ | ρ | κ | rel. tumour misfit | its | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, d, o, extra in rows:
+        if args.only and not any(name.startswith(p) for p in args.only):
+            continue
+        opt = MassEffectOptions(maxiter=args.maxiter, hessian=False, optimizer="gauss-newton", **extra)
+        t = time.perf_counter()
+        r = invert_mass_effect(ops, T, c0, d, o, vt, initial=start, options=opt, tumor_labels=(core, edema_w if o is O_w else edema))
+        print(f"| {name} | {e(r.gamma, truth['gamma'])} | {e(r.rho, truth['rho'])} | "
+              f"{e(r.kappa, truth['kappa'])} | {r.relative_tumor_error:.3f} | {r.nit} | "
+              f"{time.perf_counter() - t:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
