@@ -16,7 +16,6 @@ on four versions of the same data and prints a markdown table of the recovered Î
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -37,27 +36,16 @@ def main(argv=None) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from GBMMassEffectLib import io
-    from GBMMassEffectLib.backend import get_backend, to_numpy
+    from GBMMassEffectLib.backend import to_numpy
     from GBMMassEffectLib.calibrate import concentration_to_box
-    from GBMMassEffectLib.forward import ForwardParams, run_forward
-    from GBMMassEffectLib.geometry import box_for_image
     from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
-    from GBMMassEffectLib.simulate import box_tissues, initial_condition
-    from GBMMassEffectLib.spectral import SpectralOps
+    from patient_truth import rebuild
 
-    gt = json.loads((args.patient / "ground_truth.json").read_text())
-    labels = io.read_label_map(str(args.atlas), what="atlas label map")
-    n = args.grid or int(gt["grid"])
-    geom = box_for_image(labels, n, float(gt["box_mm"]))
-    ops = SpectralOps(n, get_backend("cpu", "float64"))
-    T = box_tissues(geom, labels, ops)
-    c0, _ = initial_condition(ops, geom, T, np.asarray(gt["seed"]["lps_mm"]), float(gt["sigma_voxels"]),
-                              float(gt["c0_max"]))
-    truth = {k: float(gt[k]) for k in ("kappa", "rho", "gamma")}
-    fwd = run_forward(ops, T, c0, ForwardParams(**truth, nt=int(gt["nt"]), dt=float(gt["dt"])))
+    pt = rebuild(args.patient, args.atlas, args.grid)
+    ops, geom, labels, T, c0, truth, fwd, vt = (pt.ops, pt.geom, pt.labels, pt.tissues, pt.c0, pt.truth,
+                                                 pt.forward, pt.vt)
+    n = ops.n
     c1 = np.clip(to_numpy(fwd.c).astype(np.float64), 0, 1)  # as every path below clips
-    vt = ops.smooth(fwd.tissues.vt)
 
     def drawn(kind):  # as simulate draws c(1) onto its input image
         return sitk.Clamp(geom.from_box(c1.astype(np.float32), labels, kind), sitk.sitkFloat32, 0.0, 1.0)

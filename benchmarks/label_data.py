@@ -9,14 +9,14 @@ the true atlas, no registration, the patient's ventricles the model's own vt(1),
 calibrate reads them: core = necrotic ∪ enhancing as box fractions, edema likewise) and
 prints a markdown table of the recovered γ, ρ, κ. The concentration row is the reference:
 what the same S.3 recovers from the tumour concentration itself. The label rows: §5's core
-indicator smoothed one box voxel with O = 0 on edema (what calibrate does), unsmoothed, the
+indicator smoothed one box voxel with O = 0 on edema (what calibrate does), half and a
+quarter of a voxel, unsmoothed, the
 core's box fraction unsmoothed, the label band, and both with the edema read as the whole
 tumour's fraction > 0.5 outside the core (a mixed voxel of core and edema is then edema).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -38,28 +38,16 @@ def main(argv=None) -> int:
     import SimpleITK as sitk
 
     from GBMMassEffectLib import io
-    from GBMMassEffectLib.backend import get_backend, to_numpy
+    from GBMMassEffectLib.backend import to_numpy
     from GBMMassEffectLib.calibrate import concentration_to_box
-    from GBMMassEffectLib.forward import ForwardParams, run_forward
-    from GBMMassEffectLib.geometry import box_for_image
     from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
     from GBMMassEffectLib.observation import observation_operator
     from GBMMassEffectLib.presets import BRATS_LABELS
-    from GBMMassEffectLib.simulate import box_tissues, initial_condition
-    from GBMMassEffectLib.spectral import SpectralOps
+    from patient_truth import rebuild
 
-    gt = json.loads((args.patient / "ground_truth.json").read_text())
-    labels = io.read_label_map(str(args.atlas), what="atlas label map")
-    n = args.grid or int(gt["grid"])
-    geom = box_for_image(labels, n, float(gt["box_mm"]))
-    ops = SpectralOps(n, get_backend("cpu", "float64"))
-    xp = ops.xp
-    T = box_tissues(geom, labels, ops)
-    c0, _ = initial_condition(ops, geom, T, np.asarray(gt["seed"]["lps_mm"]), float(gt["sigma_voxels"]),
-                              float(gt["c0_max"]))
-    truth = {k: float(gt[k]) for k in ("kappa", "rho", "gamma")}
-    fwd = run_forward(ops, T, c0, ForwardParams(**truth, nt=int(gt["nt"]), dt=float(gt["dt"])))
-    vt = ops.smooth(fwd.tissues.vt)
+    pt = rebuild(args.patient, args.atlas, args.grid)
+    ops, geom, T, c0, truth, fwd, vt = pt.ops, pt.geom, pt.tissues, pt.c0, pt.truth, pt.forward, pt.vt
+    n, xp = ops.n, ops.xp
 
     tl = sitk.ReadImage(str(args.patient / "tumor_labels.nrrd"))
     arr = sitk.GetArrayFromImage(tl)
@@ -84,6 +72,8 @@ def main(argv=None) -> int:
     rows = [  # name, d, O, option overrides
         ("concentration (reference)", conc, None, {}),
         ("indicator smoothed one voxel, O (calibrate now)", ops.smooth(ind), O, {}),
+        ("indicator smoothed half a box voxel, O", ops.smooth(ind, 0.5 * ops.h), O, {}),
+        ("indicator smoothed a quarter box voxel, O", ops.smooth(ind, 0.25 * ops.h), O, {}),
         ("indicator unsmoothed, O", ind, O, {}),
         ("core fraction unsmoothed, O", core, O, {}),
         ("label band (edema: its own fraction > 0.5)", ops.smooth(ind), O, {"tumor_misfit": "band"}),
