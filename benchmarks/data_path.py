@@ -25,11 +25,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from patient_truth import add_patient_arguments, rebuild
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("patient", type=pathlib.Path, help="a gbm-calibrate simulate output folder")
-    ap.add_argument("atlas", type=pathlib.Path, help="the label map it was made from")
-    ap.add_argument("--grid", type=int, default=None, help="box grid (default: the patient's)")
-    ap.add_argument("--maxiter", type=int, default=30)
+    add_patient_arguments(ap)
     ap.add_argument("--spread-only", action="store_true", help="print the spreads, skip S.3")
     args = ap.parse_args(argv)
 
@@ -39,7 +38,6 @@ def main(argv=None) -> int:
     from GBMMassEffectLib.backend import to_numpy
     from GBMMassEffectLib.calibrate import concentration_to_box
     from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
-    from patient_truth import rebuild
 
     pt = rebuild(args.patient, args.atlas, args.grid)
     ops, geom, labels, T, c0, truth, fwd, vt = (pt.ops, pt.geom, pt.labels, pt.tissues, pt.c0, pt.truth,

@@ -26,11 +26,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from patient_truth import add_patient_arguments, rebuild
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("patient", type=pathlib.Path, help="a gbm-calibrate simulate output folder")
-    ap.add_argument("atlas", type=pathlib.Path, help="the label map it was made from")
-    ap.add_argument("--grid", type=int, default=None, help="box grid (default: the patient's)")
-    ap.add_argument("--maxiter", type=int, default=30)
+    add_patient_arguments(ap)
     ap.add_argument("--only", nargs="*", default=None, help="run only the rows whose name starts with these")
     args = ap.parse_args(argv)
 
@@ -43,7 +42,6 @@ def main(argv=None) -> int:
     from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
     from GBMMassEffectLib.observation import observation_operator
     from GBMMassEffectLib.presets import BRATS_LABELS
-    from patient_truth import rebuild
 
     pt = rebuild(args.patient, args.atlas, args.grid)
     ops, geom, T, c0, truth, fwd, vt = pt.ops, pt.geom, pt.tissues, pt.c0, pt.truth, pt.forward, pt.vt

@@ -7,6 +7,14 @@ import pathlib
 from dataclasses import dataclass
 
 
+def add_patient_arguments(ap) -> None:
+    """PATIENT ATLAS [--grid N] [--maxiter K] on an argparse parser."""
+    ap.add_argument("patient", type=pathlib.Path, help="a gbm-calibrate simulate output folder")
+    ap.add_argument("atlas", type=pathlib.Path, help="the label map it was made from")
+    ap.add_argument("--grid", type=int, default=None, help="box grid (default: the patient's)")
+    ap.add_argument("--maxiter", type=int, default=30, help="S.3 iterations at most")
+
+
 @dataclass
 class PatientTruth:
     ops: object  # SpectralOps, CPU float64
