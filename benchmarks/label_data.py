@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     rows = [  # name, d, O, option overrides
         ("concentration (reference)", conc, None, {}),
         ("indicator smoothed one voxel, O (calibrate now)", ops.smooth(ind), O, {}),
+        ("indicator smoothed one voxel, κ held at 0.02", ops.smooth(ind), O, {"kappa_bounds": (0.01999, 0.02001)}),
         ("indicator smoothed half a box voxel, O", ops.smooth(ind, 0.5 * ops.h), O, {}),
         ("indicator smoothed a quarter box voxel, O", ops.smooth(ind, 0.25 * ops.h), O, {}),
         ("indicator unsmoothed, O", ind, O, {}),
