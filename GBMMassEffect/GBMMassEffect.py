@@ -783,8 +783,12 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
             label = str(entry.get("name", entry.get("atlas", index + 1)))
             if entry.get("dropped"):
                 label += " (dropped)"
-            elif entry.get("warnings"):  # e.g. a poor S.2 registration (report notes say which)
-                label += " (check registration)"
+            else:
+                if entry.get("warnings"):  # e.g. a poor S.2 registration (report notes say which)
+                    label += " (check registration)"
+                onBound = [{"gamma": "γ", "rho": "ρ", "kappa": "κ"}.get(k, k) for k in entry.get("at_bounds") or {}]
+                if onBound:  # set by S.3's bound, not the data (report notes say which bound)
+                    label += f" ({', '.join(onBound)} on bound)"
             rows.append([label] + values(entry))
         summary = report.get("summary", report)
         for key in ("mean", "std"):
@@ -1272,17 +1276,20 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
                               {"name": "a2", "kappa": 0.03, "rho": 12.0, "gamma": 0.7, "max_u_mm": 6.0,
                                "dropped": "registration failed"},
                               {"name": "a3", "kappa": 0.02, "rho": 9.0, "gamma": 0.4, "max_u_mm": 3.0,
-                               "dropped": None, "warnings": ["the S.2 registration looks poor"]}],
+                               "dropped": None, "warnings": ["the S.2 registration looks poor"]},
+                              {"name": "a4", "kappa": 0.05, "rho": 8.0, "gamma": 0.6, "max_u_mm": 5.0,
+                               "dropped": None, "at_bounds": {"kappa": "upper"}}],
                   "mean": {"kappa": 0.025, "rho": 11.0, "gamma": 0.6, "max_u_mm": 5.0},
                   "std": {"kappa": 0.005, "rho": 1.0, "gamma": 0.1, "max_u_mm": 1.0}}
         rows = GBMMassEffectLogic.parameterRows(report)
-        self.assertEqual([r[0] for r in rows], ["a1", "a2 (dropped)", "a3 (check registration)", "mean", "std"])
+        self.assertEqual([r[0] for r in rows],
+                         ["a1", "a2 (dropped)", "a3 (check registration)", "a4 (κ on bound)", "mean", "std"])
         self.assertEqual(rows[0][1:], [0.02, 10.0, 0.5, 4.0])
-        self.assertEqual(rows[3][1:], [0.025, 11.0, 0.6, 5.0])
+        self.assertEqual(rows[4][1:], [0.025, 11.0, 0.6, 5.0])
         table = GBMMassEffectLogic().createParameterTable(report)
-        self.assertEqual(table.GetNumberOfRows(), 5)
+        self.assertEqual(table.GetNumberOfRows(), 6)
         self.assertEqual(table.GetNumberOfColumns(), 5)
-        self.assertAlmostEqual(float(table.GetCellText(4, 3)), 0.1)  # the std row's γ
+        self.assertAlmostEqual(float(table.GetCellText(5, 3)), 0.1)  # the std row's γ
 
     def test_SampleCase(self):
         """The sample case: T1 and BraTS tumor segments from a preset forward run, on the

@@ -12,6 +12,7 @@ result was dropped, the summary and the averaged volumes use all of them instead
 say so (`basis` = "all (every atlas met a dropping rule)"): a clinical run of an hour
 still gives its numbers, flagged; if no atlas produced a result at all there is nothing
 to average and `AllAtlasesFailed` is raised (the CLI exits 1 with one error line).
+Parameters that S.3 left on a §6 bound in the averaged atlases are listed (bound_notes).
 Patient-space volumes: the voxel-wise mean of the kept atlases' c(1), |u| (mm) and u
 (LPS mm), and the per-voxel std of |u| across them.
 """
@@ -81,6 +82,29 @@ def summarise(entries: list[dict]) -> Summary:
         mean[k] = float(vals.mean()) if vals.size else None
         std[k] = float(vals.std()) if vals.size else None
     return Summary(mean, std, [e["name"] for e in kept], basis)
+
+
+_SYMBOL = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}
+
+
+def bound_notes(entries: list[dict], kept: list, options) -> tuple[dict, list[str]]:
+    """Which of γ, ρ, κ S.3 left on a §6 bound in the averaged atlases (entry["at_bounds"]),
+    as {name: {"lower" | "upper": {"value", "atlases"}}} and one report note each: such a value is the
+    bound's, not the data's (κ from BraTS labels at 32³: benchmarks/ACCURACY.md), and γ on 0
+    means no mass effect was found."""
+    summary, notes = {}, []
+    for k, sym in _SYMBOL.items():
+        for side in ("lower", "upper"):
+            names = [e["name"] for e in entries if e["name"] in kept and (e.get("at_bounds") or {}).get(k) == side]
+            if not names:
+                continue
+            value = getattr(options, f"{k}_bounds")[0 if side == "lower" else 1]
+            summary.setdefault(k, {})[side] = {"value": value, "atlases": names}
+            what = ("no mass effect was found there" if (k, side) == ("gamma", "lower") else
+                    "the data did not determine it there: read the value as a bound, not an estimate")
+            notes.append(f"{sym} on its {side} bound {value:g} in {len(names)} of {len(kept)} atlas(es) "
+                         f"({', '.join(names)}): {what}")
+    return summary, notes
 
 
 class VolumeAverage:

@@ -878,6 +878,7 @@ class CalibrationAssembly:
         timings["atlases_s"] = sum(e["seconds"] for e in entries)
         t0 = time.perf_counter()
         summary = aggregate.summarise(entries)
+        at_bounds, bound_notes = aggregate.bound_notes(entries, summary.kept, setup.s3_opt)
         acc = self.acc_kept if self.acc_kept.n else self.acc_all
         P("output", *STAGE_SPAN["output"], 0.0, f"averaging {acc.n} atlas(es) in patient space")
         out = outputs.folder
@@ -922,12 +923,13 @@ class CalibrationAssembly:
             "std": summary.std,
             "summary": {"mean": summary.mean, "std": summary.std, "atlases_used": summary.kept,
                         "basis": summary.basis, "n_atlases": len(entries),
-                        "n_dropped": sum(1 for e in entries if e["dropped"])},
+                        "n_dropped": sum(1 for e in entries if e["dropped"]), "at_bounds": at_bounds},
             "dropped": {e["name"]: e["dropped"] for e in entries if e["dropped"]},
             "units": {"kappa, rho, gamma": "paper (non-dimensional; box edge 2π = box_mm)",
                       "max_u_mm": "mm",
                       "displacement": "LPS mm on the patient grid; deformed(x) ≈ healthy(x − u(x))"},
-            "notes": setup.notes + [f"atlas {e['name']}: {w}" for e in entries for w in e.get("warnings", ())],
+            "notes": setup.notes + [f"atlas {e['name']}: {w}" for e in entries for w in e.get("warnings", ())]
+            + bound_notes,
             "timings": timings,
             "device": {"name": backend.name, "device": backend.device_name, "requested": job.device},
             "versions": _versions(backend),
@@ -1159,7 +1161,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
     """S.2 (unless done) and S.3 on one atlas; fills entry; returns patient-space volumes.
     atoms_p: (S.1's support atoms as patient-box images, their weights) for c0_refit."""
     from .forward import ForwardParams, run_forward
-    from .mass_effect_inversion import invert_mass_effect
+    from .mass_effect_inversion import at_bounds, invert_mass_effect
     from .observation import observation_operator, tumor_data
     from .registration import poor_registration, warp_to_atlas, warp_to_patient
     from .simulate import box_tissues
@@ -1253,6 +1255,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         "c0_rounds": summ["c0_rounds"], "c0_weights": summ["c0_weights"],
         # c0_shift: S.3's translation of c0 along the atlas box's axes (mm)
         "c0_shift_mm": None if res.c0_shift_domain is None else [v * mm for v in res.c0_shift_domain],
+        # γ, ρ, κ that S.3 left on a §6 bound: set by the bound, not the data (aggregate.bound_notes)
+        "at_bounds": at_bounds({"gamma": res.gamma, "rho": res.rho, "kappa": res.kappa}, s3_opt),
     })
     P("S.3", a_lo, a_hi, 0.9, f"atlas {atlas.name}: mapping results to the patient", atlas=entry["index"])
     fwd = res.forward

@@ -213,6 +213,24 @@ class MassEffectOptions:
         return Bounds(lo, hi)
 
 
+#: a parameter within this fraction of its S.3 range from an end is reported on that bound
+AT_BOUND_RTOL = 0.01
+
+
+def at_bounds(params: dict, options: "MassEffectOptions", rtol: float = AT_BOUND_RTOL) -> dict:
+    """{name: "lower" | "upper"} for the γ, ρ, κ of params that S.3 left on (within rtol of
+    the range of) one of its §6 bounds: there the bound, not the data, set the value."""
+    out = {}
+    for k in ("gamma", "rho", "kappa"):
+        lo, hi = getattr(options, f"{k}_bounds")
+        tol = rtol * (hi - lo)
+        if params[k] <= lo + tol:
+            out[k] = "lower"
+        elif params[k] >= hi - tol:
+            out[k] = "upper"
+    return out
+
+
 def to_scaled(gamma: float, rho: float, kappa: float) -> np.ndarray:
     return np.array([gamma, rho, kappa], dtype=float) * SCALE
 

@@ -185,6 +185,13 @@ def test_full_pipeline_outputs(case, full_run):
         same_geometry(sitk.ReadImage(str(sub / "predicted_tumor.nrrd")), ref)
     assert report["effective_options"]["s3"]["optimizer"] == "gauss-newton"
     kept = [e for e in report["atlases"] if not e["dropped"]] or report["atlases"]
+    # parameters on a §6 bound: per atlas, summarised over the averaged ones, one note each
+    bounds = report["summary"]["at_bounds"]
+    for e in report["atlases"]:
+        assert set(e["at_bounds"]) <= {"gamma", "rho", "kappa"}
+        for k, side in e["at_bounds"].items():
+            assert e["name"] not in used_names(report) or e["name"] in bounds[k][side]["atlases"]
+    assert len([n for n in report["notes"] if " bound " in n]) == sum(len(v) for v in bounds.values())
     assert report["mean"]["gamma"] == pytest.approx(np.mean([e["gamma"] for e in kept]))
     assert report["std"]["kappa"] == pytest.approx(np.std([e["kappa"] for e in kept]))
     # averaged |u| (mean of per-atlas norms) ≥ |mean u| voxel-wise (triangle inequality),
@@ -432,6 +439,10 @@ def _match_on_visible(job, patient, aset):
                           job.registration_options(), 256.0 / 32, _as_progress(None), None)
 
 
+def used_names(report) -> list:
+    return report["summary"]["atlases_used"]
+
+
 def _entry(name, **kw):
     e = {"name": name, "failed": False, "kappa": 0.02, "rho": 10.0, "gamma": 0.5, "max_u_mm": 10.0,
          "max_u_domain": 0.25, "relative_tumor_error": 0.3, "hessian_condition": 50.0}
@@ -459,6 +470,27 @@ def test_dropping_rules_and_summary():
     assert s2.kept == ["a"] and "every atlas" in s2.basis and s2.mean["gamma"] == 1.0
     with pytest.raises(aggregate.AllAtlasesFailed, match="no atlas produced a result"):
         aggregate.summarise(aggregate.apply_dropping([_entry("b", failed=True, error="x")]))
+
+
+def test_parameters_left_on_a_bound_are_reported():
+    """A γ, ρ or κ that S.3 left on (within 1% of the range of) a §6 bound is listed per atlas
+    and noted in the report: the bound set it, not the data."""
+    from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, at_bounds
+
+    opt = MassEffectOptions()  # γ [0, 1.5], ρ [2, 15], κ [0.005, 0.05]
+    assert at_bounds({"gamma": 0.5, "rho": 10.0, "kappa": 0.02}, opt) == {}
+    assert at_bounds({"gamma": 0.0, "rho": 15.0, "kappa": 0.0498}, opt) == \
+        {"gamma": "lower", "rho": "upper", "kappa": "upper"}
+    assert at_bounds({"gamma": 0.5, "rho": 2.2, "kappa": 0.0486}, opt) == {}  # 1.5%, 3% of the range
+    es = [_entry("a", at_bounds={"kappa": "upper"}), _entry("b", at_bounds={"kappa": "upper", "gamma": "lower"}),
+          _entry("c", at_bounds={"kappa": "lower"}), _entry("d", at_bounds={"rho": "upper"}, dropped="x")]
+    summary, notes = aggregate.bound_notes(es, ["a", "b", "c"], opt)
+    assert summary == {"gamma": {"lower": {"value": 0.0, "atlases": ["b"]}},
+                       "kappa": {"lower": {"value": 0.005, "atlases": ["c"]},
+                                 "upper": {"value": 0.05, "atlases": ["a", "b"]}}}
+    assert len(notes) == 3 and "no mass effect" in notes[0]
+    assert notes[2].startswith("κ on its upper bound 0.05 in 2 of 3 atlas(es) (a, b)") and "not an estimate" in notes[2]
+    assert aggregate.bound_notes([_entry("a")], ["a"], opt) == ({}, [])
 
 
 def test_volume_average():

@@ -6,7 +6,6 @@ where the FFTs agree). No GPU is needed; CUDA compilation and speed are not test
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import subprocess
 import sys
