@@ -1158,8 +1158,11 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.assertIn("displacement_norm_std.nrrd", report["outputs"])
         table = job.nodes["table"]
         self.assertEqual(table.GetNumberOfRows(), 3)
-        self.assertEqual([table.GetCellText(r, 0) for r in range(3)], ["test32", "mean", "std"])
         entry = report["atlases"][0]
+        # the atlas's row is marked when S.3 left a parameter on its bound (report at_bounds)
+        symbols = [{"gamma": "γ", "rho": "ρ", "kappa": "κ"}[k] for k in entry["at_bounds"]]
+        label = "test32" + (f" ({', '.join(symbols)} on bound)" if symbols else "")
+        self.assertEqual([table.GetCellText(r, 0) for r in range(3)], [label, "mean", "std"])
         for column, key in ((1, "kappa"), (2, "rho"), (3, "gamma")):
             value = float(table.GetCellText(0, column))  # the table's text has ~6 digits
             self.assertAlmostEqual(value, entry[key], delta=1e-4 * max(1e-3, abs(entry[key])))
