@@ -66,6 +66,11 @@ def _operand(x, where: str):
     return _unwrap(x, where)
 
 
+def _call(f, args, kwargs, where: str):
+    """f on the unwrapped (strictly: no host arrays) arguments, its result wrapped."""
+    return _wrap(f(*_unwrap(args, where), **{k: _unwrap(v, where) for k, v in kwargs.items()}))
+
+
 def _ufunc_call(ufunc, args, kwargs, where):
     a = [_operand(v, where) for v in args]
     kw = {k: _unwrap(v, where) for k, v in kwargs.items()}
@@ -98,8 +103,7 @@ class ndarray:  # noqa: N801 (CuPy's name)
         return _wrap(getattr(ufunc, method)(*a, **kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
-        where = f"numpy.{func.__name__}"
-        return _wrap(func(*_unwrap(args, where), **{k: _unwrap(v, where) for k, v in kwargs.items()}))
+        return _call(func, args, kwargs, f"numpy.{func.__name__}")
 
     def __float__(self):
         return float(self._a)
@@ -139,10 +143,7 @@ class ndarray:  # noqa: N801 (CuPy's name)
             raise AttributeError(name)  # __array_interface__ & co.: numpy would read them
         v = getattr(self._a, name)
         if callable(v):
-            def method(*args, **kwargs):
-                where = f"ndarray.{name}"
-                return _wrap(v(*_unwrap(args, where), **{k: _unwrap(x, where) for k, x in kwargs.items()}))
-            return method
+            return lambda *args, **kwargs: _call(v, args, kwargs, f"ndarray.{name}")
         return _wrap(v)
 
     def __setattr__(self, name, value):
@@ -199,10 +200,7 @@ def _function(name, f):
             return _ufunc_call(f, args, kwargs, f"cupy.{name}")
         return call_ufunc
 
-    def call(*args, **kwargs):
-        where = f"cupy.{name}"
-        return _wrap(f(*_unwrap(args, where), **{k: _unwrap(v, where) for k, v in kwargs.items()}))
-    return call
+    return lambda *args, **kwargs: _call(f, args, kwargs, f"cupy.{name}")
 
 
 def _module_getattr(name):
@@ -270,10 +268,7 @@ def _ndimage_module():
     def getattr_(name):
         f = getattr(scipy.ndimage, name)
 
-        def call(*args, **kwargs):
-            where = f"cupyx.scipy.ndimage.{name}"
-            return _wrap(f(*_unwrap(args, where), **{k: _unwrap(v, where) for k, v in kwargs.items()}))
-        return call
+        return lambda *args, **kwargs: _call(f, args, kwargs, f"cupyx.scipy.ndimage.{name}")
     m.__getattr__ = getattr_
     return m
 

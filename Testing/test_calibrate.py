@@ -186,11 +186,11 @@ def test_full_pipeline_outputs(case, full_run):
     assert report["effective_options"]["s3"]["optimizer"] == "gauss-newton"
     kept = [e for e in report["atlases"] if not e["dropped"]] or report["atlases"]
     # parameters on a §6 bound: per atlas, summarised over the averaged ones, one note each
-    bounds = report["summary"]["at_bounds"]
+    bounds, averaged = report["summary"]["at_bounds"], report["summary"]["atlases_used"]
     for e in report["atlases"]:
         assert set(e["at_bounds"]) <= {"gamma", "rho", "kappa"}
         for k, side in e["at_bounds"].items():
-            assert e["name"] not in used_names(report) or e["name"] in bounds[k][side]["atlases"]
+            assert e["name"] not in averaged or e["name"] in bounds[k][side]["atlases"]
     assert len([n for n in report["notes"] if " bound " in n]) == sum(len(v) for v in bounds.values())
     assert report["mean"]["gamma"] == pytest.approx(np.mean([e["gamma"] for e in kept]))
     assert report["std"]["kappa"] == pytest.approx(np.std([e["kappa"] for e in kept]))
@@ -437,10 +437,6 @@ def _match_on_visible(job, patient, aset):
 
     return _match_atlases(job, patient, aset, patient.tissue, ventricle_volume_ml(patient.tissue),
                           job.registration_options(), 256.0 / 32, _as_progress(None), None)
-
-
-def used_names(report) -> list:
-    return report["summary"]["atlases_used"]
 
 
 def _entry(name, **kw):

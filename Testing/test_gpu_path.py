@@ -58,7 +58,7 @@ def test_the_standin_refuses_what_cupy_refuses(gpu):
     assert np.array_equal(to_numpy(be.irfftn(be.rfftn(be.xp.ones((4, 4, 4))), 4)), np.ones((4, 4, 4)))
 
 
-def _tissues(xp, n):
+def _tissues(n):
     """Smooth wm/gm, a ventricle, a CSF rim on the n³ box (test_forward's small case)."""
     ops = SpectralOps(n, get_backend("cpu", "float64"))
     x, y, z = ops.coordinates()
@@ -78,7 +78,7 @@ def _tissues(xp, n):
 def test_forward_on_the_gpu_path_equals_numpy(gpu, precision):
     """§3 with mass effect through the CuPy branch (the interpolation's CUDA-kernel call
     included, run by the stand-in): the numpy backend's c(1), u and iteration counts."""
-    fr, c0, _ = _tissues(np, 32)
+    fr, c0, _ = _tissues(32)
     out = {}
     for name, be in (("cpu", get_backend("cpu", precision)), ("gpu", gpu(precision))):
         ops, xp = SpectralOps(32, be), be.xp
@@ -96,7 +96,7 @@ def test_forward_on_the_gpu_path_equals_numpy(gpu, precision):
 def test_s3_on_the_gpu_path_equals_numpy(gpu):
     """S.3 as calibrate runs it (Gauss-Newton, S.1's atoms refitted, c0 translated, the FD
     solves on threads, the Hessian at the end), one iteration at 16³."""
-    fr, _, centre = _tissues(np, 16)
+    fr, _, centre = _tissues(16)
     res = {}
     for name, be in (("cpu", get_backend("cpu", "float64")), ("gpu", gpu("float64"))):
         ops, xp = SpectralOps(16, be), be.xp
