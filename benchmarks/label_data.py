@@ -67,28 +67,31 @@ def main(argv=None) -> int:
           f"atlas, S.3 from 10% off; true c(1) on the core: mean {c1[on_core].mean():.3f}, "
           f"min {c1[on_core].min():.3f}\n")
 
-    rows = [  # name, d, O, option overrides
-        ("concentration (reference)", conc, None, {}),
-        ("indicator smoothed one voxel, O (calibrate now)", ops.smooth(ind), O, {}),
-        ("indicator smoothed one voxel, κ held at 0.02", ops.smooth(ind), O, {"kappa_bounds": (0.01999, 0.02001)}),
-        ("indicator smoothed half a box voxel, O", ops.smooth(ind, 0.5 * ops.h), O, {}),
-        ("indicator smoothed a quarter box voxel, O", ops.smooth(ind, 0.25 * ops.h), O, {}),
-        ("indicator unsmoothed, O", ind, O, {}),
-        ("core fraction unsmoothed, O", core, O, {}),
-        ("label band (edema: its own fraction > 0.5)", ops.smooth(ind), O, {"tumor_misfit": "band"}),
-        ("indicator smoothed one voxel, O from the whole tumour", ops.smooth(ind), O_w, {}),
-        ("band from the whole tumour", ops.smooth(ind), O_w, {"tumor_misfit": "band"}),
+    d_cal = ops.smooth(ind)  # calibrate's d
+    own = (O, (core, edema))  # the observation and the band's labels, edema as its own fraction
+    whole_ = (O_w, (core, edema_w))  # … edema as the whole tumour's fraction outside the core
+    rows = [  # name, d, (O, labels), option overrides
+        ("concentration (reference)", conc, (None, None), {}),
+        ("indicator smoothed one voxel, O (calibrate now)", d_cal, own, {}),
+        ("indicator smoothed one voxel, κ held at 0.02", d_cal, own, {"kappa_bounds": (0.01999, 0.02001)}),
+        ("indicator smoothed half a box voxel, O", ops.smooth(ind, 0.5 * ops.h), own, {}),
+        ("indicator smoothed a quarter box voxel, O", ops.smooth(ind, 0.25 * ops.h), own, {}),
+        ("indicator unsmoothed, O", ind, own, {}),
+        ("core fraction unsmoothed, O", core, own, {}),
+        ("label band (edema: its own fraction > 0.5)", d_cal, own, {"tumor_misfit": "band"}),
+        ("indicator smoothed one voxel, O from the whole tumour", d_cal, whole_, {}),
+        ("band from the whole tumour", d_cal, whole_, {"tumor_misfit": "band"}),
     ]
     start = {"gamma": 1.1 * truth["gamma"], "rho": 0.9 * truth["rho"], "kappa": 1.1 * truth["kappa"]}
     e = lambda v, t: f"{v:.4g} ({100 * (v / t - 1):+.1f}%)"  # noqa: E731
     print("| data | γ | ρ | κ | rel. tumour misfit | its | s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, d, o, extra in rows:
+    for name, d, (o, labels), extra in rows:
         if args.only and not any(name.startswith(p) for p in args.only):
             continue
         opt = MassEffectOptions(maxiter=args.maxiter, hessian=False, optimizer="gauss-newton", **extra)
         t = time.perf_counter()
-        r = invert_mass_effect(ops, T, c0, d, o, vt, initial=start, options=opt, tumor_labels=(core, edema_w if o is O_w else edema))
+        r = invert_mass_effect(ops, T, c0, d, o, vt, initial=start, options=opt, tumor_labels=labels)
         print(f"| {name} | {e(r.gamma, truth['gamma'])} | {e(r.rho, truth['rho'])} | "
               f"{e(r.kappa, truth['kappa'])} | {r.relative_tumor_error:.3f} | {r.nit} | "
               f"{time.perf_counter() - t:.0f} |", flush=True)
