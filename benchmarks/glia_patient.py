@@ -1,0 +1,128 @@
+"""The reference solver's own synthetic patient, as images for `gbm-calibrate calibrate`.
+
+    python benchmarks/glia_patient.py OUT [--check]
+    gbm-calibrate calibrate --tumor-concentration OUT/patient/tumor_concentration.nii.gz \
+        --tissue-seg OUT/patient/patient_labels.nii.gz --atlas-set OUT/atlas/glia_atlas.nii.gz \
+        --atlases 1 --grid 64 --out OUT/out
+    python benchmarks/glia_patient.py OUT --report OUT/out/report.json
+
+Testing/Data/glia-testdata holds a patient made by GLIA (the published solver), not by us:
+patient.nc (the deformed anatomy, tumour label 1), patient_tumor.nc (its c(1)),
+patient_vt.nc (its ventricles at t = 1), patient_tumor_IC.nc (its c0), all on atlas.nc's
+64³ grid. The reference's example script for that data (scripts/forward.py) runs the
+mass-effect model on atlas.nc with the seed at (137, 169, 96)/256, ρ 6, κ 0.02,
+γ 8e4 (0.8 in the paper's units) and zero grey-matter ratios, 25 steps of 0.04. `--check`
+runs our §3 forward solve with those values from patient_tumor_IC.nc on atlas.nc's
+tissues (smoothed one voxel, §2) and prints how far its c(1) and vt(1) are from GLIA's:
+that is what makes those values this patient's ground truth (0.5% and 0.4% relative,
+2-norm). GLIA ships no displacement, so the truth's max|u| is our forward solve's.
+
+The volumes are written as NIfTI with 4 mm voxels (the box's 256 mm over 64 voxels),
+GLIA's array axes as the image's i, j, k, identity direction. The atlas set is atlas.nc
+alone (the true atlas); the bundled atlases are other anatomies in another orientation.
+`--report` prints a calibrate report's γ, ρ, κ, max|u| against the truth."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GLIA = REPO / "Testing" / "Data" / "glia-testdata"
+TRUTH = {"kappa": 0.02, "rho": 6.0, "gamma": 0.8}  # GLIA scripts/forward.py: k 0.02, rho 6, gamma 8e4
+SPACING_MM = 4.0  # 256 mm over 64 voxels
+
+
+def read_nc(name: str) -> np.ndarray:
+    """One GLIA volume as float64 in its stored (x, y, z) axis order."""
+    import scipy.io
+
+    with scipy.io.netcdf_file(GLIA / name, "r", mmap=False) as f:
+        return np.array(f.variables["data"].data, dtype=np.float64)
+
+
+def _image(arr_xyz: np.ndarray):
+    from GBMMassEffectLib import io
+
+    n = arr_xyz.shape[0]
+    origin = [-(n - 1) / 2 * SPACING_MM] * 3
+    return io.make_image(np.ascontiguousarray(np.transpose(arr_xyz, (2, 1, 0))), [SPACING_MM] * 3, origin)
+
+
+def forward_truth(precision: str = "float64"):
+    """Our §3 forward solve of GLIA's patient: (ForwardResult, ops, GLIA's c(1), GLIA's vt(1))."""
+    from GBMMassEffectLib.backend import get_backend
+    from GBMMassEffectLib.forward import ForwardParams, run_forward
+    from GBMMassEffectLib.spectral import SpectralOps
+    from GBMMassEffectLib.tissue import Tissues
+
+    ops = SpectralOps(64, get_backend("cpu", precision))
+    tissues = Tissues.from_labels(np, read_nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
+    c0 = read_nc("patient_tumor_IC.nc").astype(ops.dtype)
+    res = run_forward(ops, tissues, c0, ForwardParams(**TRUTH))
+    return res, ops, read_nc("patient_tumor.nc"), read_nc("patient_vt.nc")
+
+
+def max_u_mm(res, ops) -> float:
+    """max|u| of a 64³ forward result in mm (one domain unit is 256/2π mm)."""
+    return float(np.asarray(res.displacement_norm()).max()) * 256.0 / (2 * np.pi)
+
+
+def write_patient(out: pathlib.Path, truth_max_u_mm: float | None) -> None:
+    from GBMMassEffectLib import io
+
+    (out / "patient").mkdir(parents=True, exist_ok=True)
+    (out / "atlas").mkdir(parents=True, exist_ok=True)
+    labels = np.rint(read_nc("patient.nc")).astype(np.uint8)
+    io.write_image(_image(labels), out / "patient" / "patient_labels.nii.gz")
+    io.write_image(_image((labels == 1).astype(np.uint8)), out / "patient" / "tumor_mask.nii.gz")
+    io.write_image(_image(np.clip(read_nc("patient_tumor.nc"), 0, 1).astype(np.float32)),
+                   out / "patient" / "tumor_concentration.nii.gz")
+    io.write_image(_image(np.rint(read_nc("atlas.nc")).astype(np.uint8)), out / "atlas" / "glia_atlas.nii.gz")
+    truth = dict(TRUTH, max_u_mm=truth_max_u_mm, source="GLIA testdata; parameters of GLIA scripts/forward.py",
+                 seed_voxel_256=[137, 169, 96])
+    (out / "patient" / "ground_truth.json").write_text(json.dumps(truth, indent=2))
+
+
+def report(path: pathlib.Path, truth: dict) -> None:
+    rep = json.loads(path.read_text())
+    print("| atlas | γ (eγ) | ρ (eρ) | κ (eκ) | max|u| mm (eu) |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = [(a["name"], a) for a in rep["atlases"]] + [("mean", rep["summary"]["mean"])]
+    for name, r in rows:
+        cells = []
+        for key in ("gamma", "rho", "kappa", "max_u_mm"):
+            v, t = r.get(key), truth.get(key)
+            cells.append("—" if v is None else f"{v:.4g} ({(v - t) / t:+.1%})" if t else f"{v:.4g}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=pathlib.Path)
+    ap.add_argument("--check", action="store_true",
+                    help="run our forward solve with the truth and compare with GLIA's c(1), vt(1) (64³, ~10–80 s)")
+    ap.add_argument("--report", type=pathlib.Path, default=None, help="a calibrate report.json to compare")
+    args = ap.parse_args(argv)
+    if args.report is not None:
+        report(args.report, json.loads((args.out / "patient" / "ground_truth.json").read_text()))
+        return 0
+    max_u = None
+    if args.check:
+        res, ops, c1, vt1 = forward_truth()
+        rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))  # noqa: E731
+        max_u = max_u_mm(res, ops)
+        print(f"our c(1) vs GLIA's: {rel(res.c, c1):.2%}; vt(1): {rel(res.tissues.vt, vt1):.2%}; "
+              f"max|u| {max_u:.2f} mm")
+    write_patient(args.out, max_u)
+    print(f"wrote {args.out / 'patient'} and {args.out / 'atlas'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
