@@ -234,6 +234,26 @@ def test_recovery_true_ic_true_atlas_32(glia_testdata):
     _recover(glia_testdata, 32)
 
 
+
+@pytest.mark.slow
+def test_recovery_on_the_reference_solvers_own_patient(glia_testdata):
+    """Table 1's true-IC experiment on a patient another solver made: glia-testdata's
+    patient_tumor.nc / patient_vt.nc, made by GLIA from patient_tumor_IC.nc on atlas.nc with
+    ρ 6, κ 0.02, γ 0.8 (test_forward's reproduction of it), 64³, S.3 (Gauss-Newton, c0
+    fixed) from calibrate's start. Measured: γ −0.11%, ρ −0.09%, κ −0.76%, max|u| −0.32%
+    (4 iterations, 21 solves, 17 min on 2 cores beside another run)."""
+    nc = lambda name: scipy.io.netcdf_file(glia_testdata / name, "r", mmap=False).variables["data"].data  # noqa: E731
+    ops = SpectralOps(64, get_backend("cpu", "float64"))
+    tissues = Tissues.from_labels(np, nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
+    c0, d, vt = (nc(f).astype(np.float64) for f in ("patient_tumor_IC.nc", "patient_tumor.nc", "patient_vt.nc"))
+    r = invert_mass_effect(ops, tissues, c0, d, None, vt, initial={"gamma": 0.6, "rho": 8.0, "kappa": 0.02},
+                           options=MassEffectOptions(workers=2, hessian=False, optimizer="gauss-newton"))
+    truth = {"gamma": 0.8, "rho": 6.0, "kappa": 0.02}
+    for k, v in truth.items():
+        assert getattr(r, k) == pytest.approx(v, rel=0.02), (k, getattr(r, k), r.message)
+    assert r.success and r.relative_tumor_error < 0.01
+    assert r.max_u * 256 / (2 * math.pi) == pytest.approx(7.84, rel=0.02)  # our forward solve at the truth
+
 # ---- the label band (tumor_misfit "band") --------------------------------------------------
 
 def test_label_band_bounds_residual_and_gradient():
