@@ -102,6 +102,11 @@ def bound_notes(entries: list[dict], kept: list, options) -> tuple[dict, list[st
             summary.setdefault(k, {})[side] = {"value": value, "atlases": names}
             what = ("no mass effect was found there" if (k, side) == ("gamma", "lower") else
                     "the data did not determine it there: read the value as a bound, not an estimate")
+            if (k, side) == ("rho", "lower"):
+                what += (f"; ρ on its lower bound is also what a tumour seeded finer than one box voxel "
+                         f"gives (S.3's c0 peaks at {options.c0_max:g} over a box voxel, so it starts with "
+                         f"more cells than such a seed): calibrate on a finer grid, or set the S.3 option "
+                         f"c0_max (README, Limitations)")
             notes.append(f"{sym} on its {side} bound {value:g} in {len(names)} of {len(kept)} atlas(es) "
                          f"({', '.join(names)}): {what}")
     return summary, notes

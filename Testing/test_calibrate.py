@@ -487,6 +487,10 @@ def test_parameters_left_on_a_bound_are_reported():
     assert len(notes) == 3 and "no mass effect" in notes[0]
     assert notes[2].startswith("κ on its upper bound 0.05 in 2 of 3 atlas(es) (a, b)") and "not an estimate" in notes[2]
     assert aggregate.bound_notes([_entry("a")], ["a"], opt) == ({}, [])
+    # ρ on its lower bound: the note also names the seed finer than the grid (the reference
+    # solver's 64³ patient calibrated at 32³: ρ and κ on their lower bounds)
+    _, notes = aggregate.bound_notes([_entry("a", at_bounds={"rho": "lower"})], ["a"], opt)
+    assert len(notes) == 1 and notes[0].startswith("ρ on its lower bound 2 in 1 of 1") and "c0_max" in notes[0]
 
 
 def test_volume_average():
