@@ -543,20 +543,25 @@ def warp_fraction_to_box(img: sitk.Image, reg, geom: BoxGeometry, m: int) -> np.
 
 def concentration_to_box(img: sitk.Image, geom: BoxGeometry, reg=None) -> np.ndarray:
     """A patient-space tumour concentration → the box, *sampled* at the box voxel centres
-    (through reg.forward when given; linear interpolation of the image there), not averaged
-    over each voxel as the fractions are. The model's grid values are point values of c
-    (§3), and a voxel mean of a peaked concentration is wider than its point values: the
-    box filter adds h²/12 to its variance per axis, and on a patient that `simulate` drew
-    linearly onto the image (before it drew cubically) the mean over the same box added
-    h²/4, which S.3 read as diffusion (32³, P1 of ACCURACY.md on its own atlas, true c0:
-    data averaged κ 103% over, ρ 9% under, γ 11% over; sampled from the cubic drawing κ
-    1.7%, ρ 0.3%, γ 0.6%; benchmarks/data_path.py)."""
+    (through reg.forward when given) by interpolating cubic B-splines, clipped to [0, 1];
+    not averaged over each voxel as the fractions are. The model's grid values are point
+    values of c (§3), and a voxel mean of a peaked concentration is wider than its point
+    values: the box filter adds h²/12 to its variance per axis, and on a patient that
+    `simulate` drew linearly onto the image (before it drew cubically) the mean over the same
+    box added h²/4, which S.3 read as diffusion (32³, P1 of ACCURACY.md on its own atlas,
+    true c0: data averaged κ 103% over, ρ 9% under, γ 11% over; sampled from the cubic
+    drawing κ 1.7%, ρ 0.3%, γ 0.6%; benchmarks/data_path.py). Linear interpolation adds
+    δ(1−δ) image voxel² per axis at an offset δ from the image's voxels: nothing on a 1 mm
+    image, 0.2 box voxel² on the reference solver's own 64³ patient given at 4 mm and
+    sampled into a 64³ box half a voxel off (benchmarks/glia_patient.py)."""
     from .registration import warp_to_atlas
 
     img = sitk.Cast(img, sitk.sitkFloat32)
     if reg is None:
-        return geom.to_box(img, "linear", dtype=np.float32)
-    return sitk.GetArrayFromImage(warp_to_atlas(img, reg, geom.reference_image())).astype(np.float32)
+        a = geom.to_box(img, "cubic", dtype=np.float32)
+    else:
+        a = sitk.GetArrayFromImage(warp_to_atlas(img, reg, geom.reference_image(), interpolator=sitk.sitkBSpline))
+    return np.clip(a, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def ventricles_observed(whole_fraction: np.ndarray) -> np.ndarray:

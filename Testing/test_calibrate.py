@@ -798,3 +798,36 @@ def test_concentration_is_sampled_at_the_box_nodes_not_averaged():
     # through a registration (identity here) the same samples
     reg = types.SimpleNamespace(forward=sitk.Transform(), inverse=sitk.Transform())
     np.testing.assert_allclose(concentration_to_box(img, geom, reg), sampled, atol=1e-6)
+
+
+def test_concentration_at_the_box_resolution_keeps_its_width_half_a_voxel_off():
+    """A concentration given at the box's own resolution (another solver's 64³ patient at
+    4 mm) whose voxels sit half a box voxel off the box nodes: sampled by linear
+    interpolation each value would be the mean of two neighbours per axis (+¼ voxel² of
+    variance per axis, read by S.3 as diffusion); calibrate's cubic B-splines keep the width,
+    and the values stay in [0, 1]."""
+    from GBMMassEffectLib.calibrate import concentration_to_box
+    from GBMMassEffectLib.geometry import BoxGeometry
+
+    geom = BoxGeometry(32, 256.0, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    h, size = geom.spacing, 32
+    origin = geom.index_to_physical([0.5, 0.5, 0.5])  # image voxels halfway between box nodes
+    centre_mm = geom.index_to_physical([16.0, 15.0, 16.5])
+    ijk = np.indices((size,) * 3)[::-1].reshape(3, -1).astype(float)
+    pts = origin[:, None] + h * ijk
+    sigma_mm = 1.5 * h
+    c = np.exp(-((pts - centre_mm[:, None]) ** 2).sum(0) / (2 * sigma_mm**2)).reshape((size,) * 3)
+    img = sitk.GetImageFromArray(c.astype(np.float32))
+    img.SetSpacing((h,) * 3)
+    img.SetOrigin(tuple(float(v) for v in origin))
+
+    def variance(a):
+        idx = np.indices(a.shape).reshape(3, -1).astype(float)
+        w = a.ravel() / a.sum()
+        return ((idx - (idx @ w)[:, None]) ** 2) @ w
+
+    sampled = concentration_to_box(img, geom).astype(float)
+    linear = geom.to_box(img, "linear", dtype=np.float64)
+    assert np.abs(variance(sampled) - 1.5**2).max() < 0.03
+    assert variance(linear).min() > 1.5**2 + 0.2  # the widening the cubic sampling avoids
+    assert sampled.min() >= 0.0 and sampled.max() <= 1.0
