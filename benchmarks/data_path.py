@@ -12,6 +12,10 @@ on four versions of the same data and prints a markdown table of the recovered �
   calibrate read a concentration before session 19);
 - drawn linearly, sampled at the box nodes (calibrate.concentration_to_box);
 - drawn with cubic B-splines (what simulate writes now), sampled at the box nodes.
+
+calibrate.concentration_to_box interpolates linearly until 2026-12-07 and with cubic
+B-splines since (ACCURACY.md, section of that date): on P1 the last two rows' spreads went
+from +0.04 and +0.006 voxel² per axis to +0.02–0.03 and +0.000.
 """
 from __future__ import annotations
 
