@@ -763,6 +763,24 @@ def test_brats_label_3_is_tumour_core(case, tmp_path):
     assert _core_values(job) == [1, 4]
 
 
+def _gaussian_image(origin, spacing: float, size: int, centre_mm, sigma_mm: float) -> sitk.Image:
+    """A Gaussian concentration (peak 1) on a size³ image of the given origin and spacing."""
+    ijk = np.indices((size,) * 3)[::-1].reshape(3, -1).astype(float)
+    pts = np.asarray(origin, float)[:, None] + spacing * ijk
+    c = np.exp(-((pts - np.asarray(centre_mm, float)[:, None]) ** 2).sum(0) / (2 * sigma_mm**2)).reshape((size,) * 3)
+    img = sitk.GetImageFromArray(c.astype(np.float32))
+    img.SetSpacing((spacing,) * 3)
+    img.SetOrigin(tuple(float(v) for v in origin))
+    return img
+
+
+def _index_variance(a) -> np.ndarray:
+    """Per-axis variance (voxel²) of a non-negative array read as a distribution."""
+    idx = np.indices(a.shape).reshape(3, -1).astype(float)
+    w = a.ravel() / a.sum()
+    return ((idx - (idx @ w)[:, None]) ** 2) @ w
+
+
 def test_concentration_is_sampled_at_the_box_nodes_not_averaged():
     """calibrate.concentration_to_box: a tumour concentration on a finer image enters the box
     as point values (the model's grid values are), so a peak one box voxel wide keeps its
@@ -773,28 +791,12 @@ def test_concentration_is_sampled_at_the_box_nodes_not_averaged():
 
     geom = BoxGeometry(32, 256.0, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     centre_mm = geom.index_to_physical([16.3, 15.6, 16.45])
-    spacing = 1.0
-    size = 96
-    origin = centre_mm - spacing * (size - 1) / 2 + 0.31
-    ijk = np.indices((size,) * 3)[::-1].reshape(3, -1).astype(float)
-    pts = origin[:, None] + spacing * ijk
-    sigma_mm = geom.spacing  # one box voxel
-    c = np.exp(-((pts - centre_mm[:, None]) ** 2).sum(0) / (2 * sigma_mm**2)).reshape((size,) * 3)
-    img = sitk.GetImageFromArray(c.astype(np.float32))
-    img.SetSpacing((spacing,) * 3)
-    img.SetOrigin(tuple(float(v) for v in origin))
-
-    def variance(a):
-        idx = np.indices(a.shape).reshape(3, -1).astype(float)
-        w = a.ravel() / a.sum()
-        mu = idx @ w
-        return ((idx - mu[:, None]) ** 2) @ w
-
+    img = _gaussian_image(centre_mm - (96 - 1) / 2 + 0.31, 1.0, 96, centre_mm, geom.spacing)  # σ one box voxel
     sampled = concentration_to_box(img, geom)
     averaged = geom.to_box(img, "fraction", dtype=np.float64)
     assert sampled.dtype == np.float32 and sampled.shape == geom.shape
-    assert np.abs(variance(sampled.astype(float)) - 1.0).max() < 0.01  # σ² = 1 voxel²
-    assert variance(averaged).min() > 1.0 + 1 / 12 - 0.02  # the bias the sampling avoids
+    assert np.abs(_index_variance(sampled.astype(float)) - 1.0).max() < 0.01  # σ² = 1 voxel²
+    assert _index_variance(averaged).min() > 1.0 + 1 / 12 - 0.02  # the bias the sampling avoids
     # through a registration (identity here) the same samples
     reg = types.SimpleNamespace(forward=sitk.Transform(), inverse=sitk.Transform())
     np.testing.assert_allclose(concentration_to_box(img, geom, reg), sampled, atol=1e-6)
@@ -810,24 +812,10 @@ def test_concentration_at_the_box_resolution_keeps_its_width_half_a_voxel_off():
     from GBMMassEffectLib.geometry import BoxGeometry
 
     geom = BoxGeometry(32, 256.0, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    h, size = geom.spacing, 32
     origin = geom.index_to_physical([0.5, 0.5, 0.5])  # image voxels halfway between box nodes
-    centre_mm = geom.index_to_physical([16.0, 15.0, 16.5])
-    ijk = np.indices((size,) * 3)[::-1].reshape(3, -1).astype(float)
-    pts = origin[:, None] + h * ijk
-    sigma_mm = 1.5 * h
-    c = np.exp(-((pts - centre_mm[:, None]) ** 2).sum(0) / (2 * sigma_mm**2)).reshape((size,) * 3)
-    img = sitk.GetImageFromArray(c.astype(np.float32))
-    img.SetSpacing((h,) * 3)
-    img.SetOrigin(tuple(float(v) for v in origin))
-
-    def variance(a):
-        idx = np.indices(a.shape).reshape(3, -1).astype(float)
-        w = a.ravel() / a.sum()
-        return ((idx - (idx @ w)[:, None]) ** 2) @ w
-
+    img = _gaussian_image(origin, geom.spacing, 32, geom.index_to_physical([16.0, 15.0, 16.5]), 1.5 * geom.spacing)
     sampled = concentration_to_box(img, geom).astype(float)
     linear = geom.to_box(img, "linear", dtype=np.float64)
-    assert np.abs(variance(sampled) - 1.5**2).max() < 0.03
-    assert variance(linear).min() > 1.5**2 + 0.2  # the widening the cubic sampling avoids
+    assert np.abs(_index_variance(sampled) - 1.5**2).max() < 0.03
+    assert _index_variance(linear).min() > 1.5**2 + 0.2  # the widening the cubic sampling avoids
     assert sampled.min() >= 0.0 and sampled.max() <= 1.0
