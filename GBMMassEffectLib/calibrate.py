@@ -104,7 +104,7 @@ import SimpleITK as sitk
 
 from . import aggregate, io
 from .backend import get_backend, to_numpy
-from .geometry import BoxGeometry, anchored_box, box_for_image
+from .geometry import BoxGeometry, anchored_box, box_for_image, snapped_to_image
 from .progress import OutputSet, check_cancel
 
 S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0_refit)
@@ -1186,7 +1186,8 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         P("S.2", a_lo, r_hi, 1.0, f"atlas {atlas.name}: {warning}", atlas=entry["index"])
     atlas_labels = atlas.read_labels()
     try:
-        geom_a = box_for_image(atlas_labels, job.grid, job.box_mm)
+        # tiling the atlas's voxels where it can (an atlas at the box's resolution is then used as is)
+        geom_a = snapped_to_image(box_for_image(atlas_labels, job.grid, job.box_mm), atlas_labels)
     except ValueError as exc:
         raise ValueError(f"atlas {atlas.name}: {exc}") from None
     xp, dt = ops.xp, ops.dtype

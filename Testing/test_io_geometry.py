@@ -460,3 +460,28 @@ def test_cubic_from_box_keeps_a_peaked_field(dname):
     assert errs["cubic"] < 0.01, errs  # measured 0.6-0.7%
     assert np.abs(widths["cubic"]).max() < 0.015, widths  # voxel²; measured 0.006
     assert widths["linear"].min() > 0.03, widths  # the test tells the two apart (0.05-0.07)
+
+
+def test_snapped_box_tiles_the_image_voxels():
+    """geometry.snapped_to_image (the atlas box): moved by less than one image voxel so that
+    box voxels tile the image's: at the image's own spacing the box nodes are its voxel
+    centres, at twice it each box voxel covers exactly 2³ of them; an oblique box is left as
+    it is."""
+    from GBMMassEffectLib.geometry import snapped_to_image
+
+    arr = np.zeros((64, 64, 64), np.uint8)
+    arr[10:49, 12:52, 8:57] = 6  # bounding-box centres on, between and on voxel centres
+    img = io.make_image(arr, (4.0, 4.0, 4.0), origin=(-126.0, -101.3, 7.7))
+    for n, frac in ((64, 0.0), (32, 0.5)):
+        geom = box_for_image(img, n, 256.0)
+        snapped = snapped_to_image(geom, img)
+        shift = np.asarray(snapped.center) - np.asarray(geom.center)
+        assert np.abs(shift).max() <= 4.0 / 2 + 1e-9  # less than one image voxel
+        idx = np.asarray(img.TransformPhysicalPointToContinuousIndex([float(v) for v in snapped.index_to_physical([0, 0, 0])]))
+        np.testing.assert_allclose(idx - np.floor(idx), frac, atol=1e-9)
+        before = np.asarray(img.TransformPhysicalPointToContinuousIndex([float(v) for v in geom.index_to_physical([0, 0, 0])]))
+        assert not np.allclose(before - np.floor(before), frac)  # the test's box did straddle the voxels
+    c, s_ = math.cos(0.3), math.sin(0.3)
+    oblique = io.make_image(arr, (4.0, 4.0, 4.0), direction=(c, -s_, 0, s_, c, 0, 0, 0, 1))
+    geom = box_for_image(oblique, 64, 256.0)
+    assert snapped_to_image(geom, io.make_image(arr, (4.0, 4.0, 4.0))) == geom

@@ -6,6 +6,7 @@
         --atlases 1 --grid 64 --out OUT/out
     python benchmarks/glia_patient.py OUT --report OUT/out/report.json
     python benchmarks/glia_patient.py OUT --true-ic      # S.3 with GLIA's c0 and atlas (Table 1)
+    python benchmarks/glia_patient.py OUT --data-path cubic   # the same in calibrate's box (or linear)
 
 Testing/Data/glia-testdata holds a patient made by GLIA (the published solver), not by us:
 patient.nc (the deformed anatomy, tumour label 1), patient_tumor.nc (its c(1)),
@@ -115,6 +116,52 @@ def true_ic(start=(0.6, 8.0, 0.02), maxiter: int = 50) -> dict:
             "seconds": r.seconds, "message": r.message}
 
 
+def data_path(sampling: str, snap: bool = False) -> dict:
+    """S.3 with GLIA's c0 and atlas as calibrate sees them on the true atlas with an identity
+    S.2: everything in calibrate's 64³ atlas box (box_for_image; its nodes half a voxel off
+    atlas.nc's on two axes), atlas tissues as box fractions, c0 warped cubically, the patient's
+    ventricles from its labels (fraction, smoothed), the ventricle mask of the tumour, and
+    GLIA's c(1) sampled into the box `sampling` ("cubic": calibrate.concentration_to_box;
+    "linear": the linear interpolation it used before 2026-12-07). snap: the atlas box moved
+    to tile atlas.nc's voxels (geometry.snapped_to_image)."""
+    import types
+
+    import SimpleITK as sitk
+
+    from GBMMassEffectLib.backend import get_backend
+    from GBMMassEffectLib.calibrate import (concentration_to_box, onehot, supersample_factor,
+                                            ventricles_observed, warp_fraction_to_box)
+    from GBMMassEffectLib.geometry import box_for_image, snapped_to_image
+    from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
+    from GBMMassEffectLib.simulate import box_tissues
+    from GBMMassEffectLib.spectral import SpectralOps
+
+    ops = SpectralOps(64, get_backend("cpu", "float64"))
+    atlas = _image(np.rint(read_nc("atlas.nc")).astype(np.uint8))
+    geom = box_for_image(atlas, 64, 256.0)
+    if snap:
+        geom = snapped_to_image(geom, atlas)
+    tissues = box_tissues(geom, atlas, ops)
+    c0 = np.clip(geom.to_box(_image(read_nc("patient_tumor_IC.nc").astype(np.float32)), "cubic", dtype=np.float64), 0, None)
+    conc = _image(np.clip(read_nc("patient_tumor.nc"), 0, 1).astype(np.float32))
+    identity = types.SimpleNamespace(forward=sitk.Transform(), inverse=sitk.Transform())
+    d = (concentration_to_box(conc, geom, identity) if sampling == "cubic" else
+         np.clip(geom.to_box(conc, "linear", dtype=np.float32), 0, 1)).astype(np.float64)
+    labels = np.rint(read_nc("patient.nc")).astype(np.uint8)
+    lab_img = _image(labels)
+    arr = sitk.GetArrayFromImage(lab_img)
+    m = supersample_factor(geom, SPACING_MM)
+    vt = ops.smooth(warp_fraction_to_box(onehot(arr, [7], lab_img), identity, geom, m).astype(np.float64))
+    vt_mask = ventricles_observed(warp_fraction_to_box(onehot(arr, [1], lab_img), identity, geom, m))
+    r = invert_mass_effect(ops, tissues, c0 / c0.max(), d, None, vt, initial={"gamma": 0.6, "rho": 8.0, "kappa": 0.02},
+                           options=MassEffectOptions(optimizer="gauss-newton", hessian=False, workers=2),
+                           vt_mask=vt_mask)
+    return {"sampling": sampling, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa,
+            "max_u_mm": r.max_u * 256.0 / (2 * np.pi), "relative_tumor_error": r.relative_tumor_error,
+            "nit": r.nit, "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
+            "box_offset_voxels": list((np.asarray(geom.origin) - np.asarray(atlas.GetOrigin())) / SPACING_MM)}
+
+
 def report(path: pathlib.Path, truth: dict) -> None:
     rep = json.loads(path.read_text())
     print("| atlas | γ (eγ) | ρ (eρ) | κ (eκ) | max|u| mm (eu) |")
@@ -136,9 +183,12 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=pathlib.Path, default=None, help="a calibrate report.json to compare")
     ap.add_argument("--true-ic", action="store_true",
                     help="S.3 with GLIA's own c0 on atlas.nc (Table 1's true-IC experiment; 64³, 20–40 min on 2 cores)")
+    ap.add_argument("--data-path", choices=("cubic", "linear"), default=None,
+                    help="S.3 with GLIA's c0 and atlas in calibrate's atlas box, c(1) sampled so (64³)")
+    ap.add_argument("--snap", action="store_true", help="with --data-path: the atlas box tiles atlas.nc's voxels")
     args = ap.parse_args(argv)
-    if args.true_ic:
-        r = true_ic()
+    if args.true_ic or args.data_path:
+        r = true_ic() if args.true_ic else data_path(args.data_path, args.snap)
         t = dict(TRUTH, max_u_mm=max_u_mm(*forward_truth()[:2]))
         print(json.dumps(r, indent=2))
         print(" ".join(f"e{k} {(r[k] - t[k]) / t[k]:+.2%}" for k in ("gamma", "rho", "kappa", "max_u_mm")))
