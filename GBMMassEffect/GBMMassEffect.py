@@ -114,6 +114,7 @@ class Device(enum.Enum):
 
 
 RESOLUTIONS = (64, 128, 160, 256)
+PARAMETER_SYMBOLS = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}  # report keys → the paper's symbols
 
 
 @parameterNodeWrapper
@@ -786,7 +787,7 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
             else:
                 if entry.get("warnings"):  # e.g. a poor S.2 registration (report notes say which)
                     label += " (check registration)"
-                onBound = [{"gamma": "γ", "rho": "ρ", "kappa": "κ"}.get(k, k) for k in entry.get("at_bounds") or {}]
+                onBound = [PARAMETER_SYMBOLS.get(k, k) for k in entry.get("at_bounds") or {}]
                 if onBound:  # set by S.3's bound, not the data (report notes say which bound)
                     label += f" ({', '.join(onBound)} on bound)"
             rows.append([label] + values(entry))
@@ -1160,7 +1161,7 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetNumberOfRows(), 3)
         entry = report["atlases"][0]
         # the atlas's row is marked when S.3 left a parameter on its bound (report at_bounds)
-        symbols = [{"gamma": "γ", "rho": "ρ", "kappa": "κ"}[k] for k in entry["at_bounds"]]
+        symbols = [PARAMETER_SYMBOLS[k] for k in entry["at_bounds"]]
         label = "test32" + (f" ({', '.join(symbols)} on bound)" if symbols else "")
         self.assertEqual([table.GetCellText(r, 0) for r in range(3)], [label, "mean", "std"])
         for column, key in ((1, "kappa"), (2, "rho"), (3, "gamma")):

@@ -975,8 +975,7 @@ def _box_data(ops, geom: BoxGeometry, patient: Patient):
     ref = patient.reference
     xp = ops.xp
     if patient.concentration is not None:
-        c = concentration_to_box(io.image_like(patient.concentration, ref), geom)
-        d = xp.asarray(np.clip(c, 0, 1), dtype=ops.dtype)
+        d = xp.asarray(concentration_to_box(io.image_like(patient.concentration, ref), geom), dtype=ops.dtype)
         return d, None, None, None
     core = geom.to_box(io.image_like(patient.core, ref), "fraction", dtype=np.dtype(ops.dtype))
     if not (core > 0.5).any():
@@ -1209,8 +1208,7 @@ def _one_atlas(job, patient, atlas, tissue_img, geom_p, c0_img_p, s1_kappa_rho, 
         atoms_a = np.stack([warp_peaked(a) for a in atoms_p[0]])
     labels_a = None
     if patient.concentration is not None:
-        d_a = xp.asarray(np.clip(concentration_to_box(io.image_like(patient.concentration, ref), geom_a, reg),
-                                 0, 1), dtype=dt)
+        d_a = xp.asarray(concentration_to_box(io.image_like(patient.concentration, ref), geom_a, reg), dtype=dt)
         O_a = None
     else:
         core = xp.asarray(warp_fraction_to_box(io.image_like(patient.core, ref), reg, geom_a, m))

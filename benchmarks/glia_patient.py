@@ -56,23 +56,35 @@ def _image(arr_xyz: np.ndarray):
     return io.make_image(np.ascontiguousarray(np.transpose(arr_xyz, (2, 1, 0))), [SPACING_MM] * 3, origin)
 
 
-def forward_truth(precision: str = "float64"):
-    """Our §3 forward solve of GLIA's patient: (ForwardResult, ops, GLIA's c(1), GLIA's vt(1))."""
+def _glia_grid(precision: str = "float64"):
+    """(ops, tissues): GLIA's own 64³ grid (CPU) and atlas.nc's tissues there, smoothed one voxel (§2)."""
     from GBMMassEffectLib.backend import get_backend
-    from GBMMassEffectLib.forward import ForwardParams, run_forward
     from GBMMassEffectLib.spectral import SpectralOps
     from GBMMassEffectLib.tissue import Tissues
 
     ops = SpectralOps(64, get_backend("cpu", precision))
-    tissues = Tissues.from_labels(np, read_nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
-    c0 = read_nc("patient_tumor_IC.nc").astype(ops.dtype)
-    res = run_forward(ops, tissues, c0, ForwardParams(**TRUTH))
-    return res, ops, read_nc("patient_tumor.nc"), read_nc("patient_vt.nc")
+    return ops, Tissues.from_labels(np, read_nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
 
 
-def max_u_mm(res, ops) -> float:
-    """max|u| of a 64³ forward result in mm (one domain unit is 256/2π mm)."""
-    return float(np.asarray(res.displacement_norm()).max()) * 256.0 / (2 * np.pi)
+def mm(domain_length: float) -> float:
+    """A length in domain units in mm (the box's 2π is 256 mm)."""
+    return float(domain_length) * 256.0 / (2 * np.pi)
+
+
+def forward_truth(precision: str = "float64"):
+    """Our §3 forward solve of GLIA's patient: (ForwardResult, GLIA's c(1), GLIA's vt(1))."""
+    from GBMMassEffectLib.forward import ForwardParams, run_forward
+
+    ops, tissues = _glia_grid(precision)
+    res = run_forward(ops, tissues, read_nc("patient_tumor_IC.nc").astype(ops.dtype), ForwardParams(**TRUTH))
+    return res, read_nc("patient_tumor.nc"), read_nc("patient_vt.nc")
+
+
+def _s3_row(r) -> dict:
+    """The readings of one S.3 result (mass_effect_inversion.MassEffectResult) this script prints."""
+    return {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "max_u_mm": mm(r.max_u),
+            "relative_tumor_error": r.relative_tumor_error, "nit": r.nit, "n_forward": r.n_forward,
+            "seconds": r.seconds, "message": r.message}
 
 
 def write_patient(out: pathlib.Path, truth_max_u_mm: float | None) -> None:
@@ -95,13 +107,9 @@ def true_ic(start=(0.6, 8.0, 0.02), maxiter: int = 50) -> dict:
     """S.3 (Gauss-Newton, c0 fixed) on atlas.nc with GLIA's own c0 and data: Table 1's
     true-IC experiment on another solver's patient, 64³, concentration, O = 1, calibrate's
     optimiser."""
-    from GBMMassEffectLib.backend import get_backend
     from GBMMassEffectLib.mass_effect_inversion import MassEffectOptions, invert_mass_effect
-    from GBMMassEffectLib.spectral import SpectralOps
-    from GBMMassEffectLib.tissue import Tissues
 
-    ops = SpectralOps(64, get_backend("cpu", "float64"))
-    tissues = Tissues.from_labels(np, read_nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
+    ops, tissues = _glia_grid()
     c0, d, vt = (read_nc(f) for f in ("patient_tumor_IC.nc", "patient_tumor.nc", "patient_vt.nc"))
 
     def progress(ev):
@@ -111,9 +119,7 @@ def true_ic(start=(0.6, 8.0, 0.02), maxiter: int = 50) -> dict:
     r = invert_mass_effect(ops, tissues, c0, d, None, vt, initial=dict(zip(("gamma", "rho", "kappa"), start)),
                            options=MassEffectOptions(maxiter=maxiter, optimizer="gauss-newton", hessian=False, workers=2),
                            progress=progress)
-    return {"gamma": r.gamma, "rho": r.rho, "kappa": r.kappa, "max_u_mm": r.max_u * 256.0 / (2 * np.pi),
-            "relative_tumor_error": r.relative_tumor_error, "nit": r.nit, "n_forward": r.n_forward,
-            "seconds": r.seconds, "message": r.message}
+    return _s3_row(r)
 
 
 def data_path(sampling: str, snap: bool = False) -> dict:
@@ -156,9 +162,7 @@ def data_path(sampling: str, snap: bool = False) -> dict:
     r = invert_mass_effect(ops, tissues, c0 / c0.max(), d, None, vt, initial={"gamma": 0.6, "rho": 8.0, "kappa": 0.02},
                            options=MassEffectOptions(optimizer="gauss-newton", hessian=False, workers=2),
                            vt_mask=vt_mask)
-    return {"sampling": sampling, "gamma": r.gamma, "rho": r.rho, "kappa": r.kappa,
-            "max_u_mm": r.max_u * 256.0 / (2 * np.pi), "relative_tumor_error": r.relative_tumor_error,
-            "nit": r.nit, "n_forward": r.n_forward, "seconds": r.seconds, "message": r.message,
+    return {"sampling": sampling, **_s3_row(r),
             "box_offset_voxels": list((np.asarray(geom.origin) - np.asarray(atlas.GetOrigin())) / SPACING_MM)}
 
 
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.true_ic or args.data_path:
         r = true_ic() if args.true_ic else data_path(args.data_path, args.snap)
-        t = dict(TRUTH, max_u_mm=max_u_mm(*forward_truth()[:2]))
+        t = dict(TRUTH, max_u_mm=mm(forward_truth()[0].displacement_norm().max()))
         print(json.dumps(r, indent=2))
         print(" ".join(f"e{k} {(r[k] - t[k]) / t[k]:+.2%}" for k in ("gamma", "rho", "kappa", "max_u_mm")))
         return 0
@@ -198,9 +202,9 @@ def main(argv=None) -> int:
         return 0
     max_u = None
     if args.check:
-        res, ops, c1, vt1 = forward_truth()
+        res, c1, vt1 = forward_truth()
         rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))  # noqa: E731
-        max_u = max_u_mm(res, ops)
+        max_u = mm(res.displacement_norm().max())
         print(f"our c(1) vs GLIA's: {rel(res.c, c1):.2%}; vt(1): {rel(res.tissues.vt, vt1):.2%}; "
               f"max|u| {max_u:.2f} mm")
     write_patient(args.out, max_u)
