@@ -5,15 +5,11 @@ import math
 
 import numpy as np
 import pytest
-import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import GaussianBasis, brain_mask, candidate_centres, gaussian_atom
 from GBMMassEffectLib.spectral import SpectralOps
-
-
-def _read(path):
-    return scipy.io.netcdf_file(path, "r", mmap=False).variables["data"].data.astype(np.float32)
+from glia_data import read_nc
 
 
 REF_CENTRE = 2 * math.pi * np.array([137.0, 169.0, 96.0]) / 256
@@ -23,7 +19,7 @@ REF_SIGMA = 4 * 2 * math.pi / 64
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_reference_c0_norm(glia_testdata, precision):
     """MODEL §8: one atom, σ = 4 voxels, on sinusoid.nc: ‖c0‖₂ = 22.0161."""
-    wm = _read(glia_testdata / "sinusoid.nc")
+    wm = read_nc(glia_testdata / "sinusoid.nc", np.float32)
     zero = np.zeros_like(wm)
     ops = SpectralOps(64, get_backend("cpu", precision))
     mask = brain_mask(wm, zero, zero)

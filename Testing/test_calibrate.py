@@ -16,7 +16,6 @@ import types
 
 import numpy as np
 import pytest
-import scipy.io
 import scipy.ndimage
 import SimpleITK as sitk
 
@@ -25,6 +24,7 @@ from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, S3_C0_SHIFT_MM_CONCENTRAT
 from GBMMassEffectLib.registration import BRAIN_DICE_POOR
 from cli_helpers import assert_one_line_error as one_line_error
 from cli_helpers import run_cli, signal_cli_when
+from glia_data import read_nc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUTS = ("predicted_tumor.nrrd", "displacement_norm.nrrd", "displacement_norm_std.nrrd",
@@ -56,7 +56,7 @@ def _write(arr, path, like=None, spacing=4.0, direction=None, origin=None):
 def case(glia_testdata, tmp_path_factory):
     """Atlases (plain and deformed) and a patient with a BraTS tumor on a flipped grid."""
     d = tmp_path_factory.mktemp("calib")
-    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    a = read_nc(glia_testdata / "atlas.nc")
     lab = np.asarray(a, dtype=np.float32).round().astype(np.uint8)
     atlas = _write(lab, d / "atlas_a.nrrd")
     centre = atlas.TransformContinuousIndexToPhysicalPoint([31.5] * 3)

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.io
 import SimpleITK as sitk
 
 from GBMMassEffectLib import presets
@@ -20,6 +19,7 @@ from GBMMassEffectLib import progress as pg
 from cli_helpers import assert_one_line_error, cli_env as _env
 from cli_helpers import run_cli as _run_cli
 from cli_helpers import signal_cli_when
+from glia_data import read_nc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUTPUT_IMAGES = ("initial_condition.nrrd", "predicted_tumor.nrrd", "displacement_norm.nrrd",
@@ -41,7 +41,7 @@ def atlas_files(glia_testdata, tmp_path_factory):
     """atlas.nc as NIfTI label maps with 4 mm voxels: plain, and with a RAS-like flipped
     direction and a shifted origin (written as NRRD)."""
     d = tmp_path_factory.mktemp("atlas")
-    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    a = read_nc(glia_testdata / "atlas.nc")
     lab = np.asarray(a, dtype=np.float32).round().astype(np.uint8)
     img = sitk.GetImageFromArray(lab)
     img.SetSpacing((4.0, 4.0, 4.0))

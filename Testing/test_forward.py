@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import brain_mask, gaussian_atom
@@ -16,6 +15,7 @@ from GBMMassEffectLib.progress import Cancelled
 from GBMMassEffectLib.reaction import logistic_step
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.tissue import Tissues
+from glia_data import read_nc
 
 REF_CENTRE = 2 * math.pi * np.array([137.0, 169.0, 96.0]) / 256  # 137 on array axis 0
 REF_SIGMA = 4 * 2 * math.pi / 64
@@ -23,7 +23,7 @@ REF = {"c0": 22.0161, "c1": 83.9893, "u": 43.5494}  # reference CPU build, MODEL
 
 
 def _sinusoid_case(glia_testdata, precision):
-    wm = scipy.io.netcdf_file(glia_testdata / "sinusoid.nc", "r", mmap=False).variables["data"].data
+    wm = read_nc(glia_testdata / "sinusoid.nc")
     wm = np.maximum(wm.astype(np.float32), 0)  # as stored, clipped at 0; no smoothing
     zero = np.zeros_like(wm)
     ops = SpectralOps(64, get_backend("cpu", precision))
@@ -70,7 +70,7 @@ def test_reference_solvers_own_patient_is_reproduced(glia_testdata):
     c(1) (patient_tumor.nc) to 0.52% and its vt(1) (patient_vt.nc) to 0.39% (relative 2-norm;
     unsmoothed tissues: 28% and 91%); asserted at 1%. It is also benchmarks/glia_patient.py's
     ground truth."""
-    nc = lambda name: scipy.io.netcdf_file(glia_testdata / name, "r", mmap=False).variables["data"].data  # noqa: E731
+    nc = lambda name: read_nc(glia_testdata / name)  # noqa: E731
     ops = SpectralOps(64, get_backend("cpu", "float32"))
     tissues = Tissues.from_labels(np, nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
     c0 = nc("patient_tumor_IC.nc").astype(ops.dtype)

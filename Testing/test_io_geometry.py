@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-import scipy.io
 import SimpleITK as sitk
 
 from GBMMassEffectLib import io
@@ -18,6 +17,7 @@ from GBMMassEffectLib.geometry import (
     nearest_axes,
     orthonormal_direction,
 )
+from glia_data import read_nc
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ DIRECTIONS = {
 
 def atlas_nifti(glia_testdata, tmp_path, name="atlas.nii.gz"):
     """atlas.nc (64³, labels 0/5/6/7/8) as a NIfTI label map with 4 mm voxels."""
-    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    a = read_nc(glia_testdata / "atlas.nc")
     img = sitk.GetImageFromArray(np.asarray(a, dtype=np.float32).round().astype(np.uint8))
     img.SetSpacing((4.0, 4.0, 4.0))
     path = tmp_path / name

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import brain_mask, gaussian_atom
@@ -26,6 +25,7 @@ from GBMMassEffectLib.observation import (CORE_THRESHOLD, EDEMA_THRESHOLD, BandM
                                           labels_from_concentration, observation_operator, tumor_data)
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.tissue import Tissues
+from glia_data import read_nc
 
 
 # ---- scaling, bounds, options -----------------------------------------------------------
@@ -189,7 +189,7 @@ TRUTH = {"gamma": 0.8, "rho": 10.0, "kappa": 0.025}  # TC(c)-like (κ as TC(d))
 def _atlas_case(glia_testdata, n: int):
     """atlas.nc fractions block-averaged to n³, smoothed one voxel; c0 a Gaussian of σ = 8·2π/64
     (four voxels at 32³, two at 16³) at the peak of the reference's patient_tumor_IC.nc."""
-    nc = lambda name: scipy.io.netcdf_file(glia_testdata / name, "r", mmap=False).variables["data"].data  # noqa: E731
+    nc = lambda name: read_nc(glia_testdata / name)  # noqa: E731
     lab = np.rint(nc("atlas.nc")).astype(int)
     f = 64 // n
     coarse = lambda m: m.reshape(n, f, n, f, n, f).mean(axis=(1, 3, 5))  # noqa: E731
@@ -242,7 +242,7 @@ def test_recovery_on_the_reference_solvers_own_patient(glia_testdata):
     ρ 6, κ 0.02, γ 0.8 (test_forward's reproduction of it), 64³, S.3 (Gauss-Newton, c0
     fixed) from calibrate's start. Measured: γ −0.11%, ρ −0.09%, κ −0.76%, max|u| −0.32%
     (4 iterations, 21 solves, 17 min on 2 cores beside another run)."""
-    nc = lambda name: scipy.io.netcdf_file(glia_testdata / name, "r", mmap=False).variables["data"].data  # noqa: E731
+    nc = lambda name: read_nc(glia_testdata / name)  # noqa: E731
     ops = SpectralOps(64, get_backend("cpu", "float64"))
     tissues = Tissues.from_labels(np, nc("atlas.nc"), dtype=ops.dtype).smoothed(ops)
     c0, d, vt = (nc(f).astype(np.float64) for f in ("patient_tumor_IC.nc", "patient_tumor.nc", "patient_vt.nc"))

@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 import pytest
-import scipy.io
 import SimpleITK as sitk
 
 from GBMMassEffectLib import registration as R
+from glia_data import read_nc
 
 SPACING = 3.0  # atlas voxel (mm)
 
@@ -23,7 +23,7 @@ SPACING = 3.0  # atlas voxel (mm)
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def atlas_labels(glia_testdata):
-    a = scipy.io.netcdf_file(glia_testdata / "atlas.nc", "r", mmap=False).variables["data"].data
+    a = read_nc(glia_testdata / "atlas.nc")
     img = sitk.GetImageFromArray(np.asarray(a, dtype=np.float32).astype(np.uint8))
     img.SetSpacing((SPACING,) * 3)
     img.SetDirection(sitk.VersorTransform((0.2, 0.1, 1.0), math.radians(30)).GetMatrix())

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import scipy.io
 
 from GBMMassEffectLib.backend import get_backend
 from GBMMassEffectLib.basis import GaussianBasis, brain_mask, candidate_centres
@@ -20,10 +19,7 @@ from GBMMassEffectLib.sparse_ic import (S1Objective, SparseICOptions, coarsen, n
 from GBMMassEffectLib.spectral import SpectralOps
 from GBMMassEffectLib.taylor import assert_taylor, taylor_test
 from GBMMassEffectLib.tissue import Tissues
-
-
-def _read(path):
-    return scipy.io.netcdf_file(path, "r", mmap=False).variables["data"].data.astype(np.float32)
+from glia_data import read_nc
 
 
 def _synthetic(n, kappa=0.01, rho=6.0, precision="float32"):
@@ -303,11 +299,11 @@ def _reference_case(glia_testdata, factor):
     """patient.nc (tumor counted as wm) and d = patient_tumor.nc (the concentration, as the
     reference's own example for these files does: scripts/inverse.py, d1 = patient_tumor.nc,
     no data smoothing), block-averaged by `factor`; the true c0 stays at 64³."""
-    labels = _read(glia_testdata / "patient.nc")
+    labels = read_nc(glia_testdata / "patient.nc", np.float32)
     tis = Tissues.from_labels(np, labels, tumor_as="wm", dtype=np.float64)
     wm, gm, vt, csf = (coarsen(a, factor) for a in (tis.wm, tis.gm, tis.vt, tis.csf))
-    d = coarsen(_read(glia_testdata / "patient_tumor.nc"), factor)
-    ic = _read(glia_testdata / "patient_tumor_IC.nc").astype(np.float64)
+    d = coarsen(read_nc(glia_testdata / "patient_tumor.nc", np.float32), factor)
+    ic = read_nc(glia_testdata / "patient_tumor_IC.nc", np.float32).astype(np.float64)
     n = 64 // factor
     ops = SpectralOps(n, get_backend("cpu", "float32"))
     return ops, wm, gm, vt, csf, d, ic
