@@ -246,13 +246,13 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
     assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
     # the refit translates c0 by up to S3_C0_SHIFT_MM on labels (in voxels of the grid; 0 =
-    # off) and S3_C0_SHIFT_MM_CONCENTRATION (16 mm: one S.1 lattice step at 32³) on a
+    # off) and S3_C0_SHIFT_MM_CONCENTRATION (32 mm: two S.1 lattice steps at 32³) on a
     # concentration, or as asked; the pull-back and the paper's fixed c0 do not, unless asked
-    assert S3_C0_SHIFT_MM == 0 and S3_C0_SHIFT_MM_CONCENTRATION == 16.0
+    assert S3_C0_SHIFT_MM == 0 and S3_C0_SHIFT_MM_CONCENTRATION == 32.0
     assert job.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM * job.grid / job.box_mm)
     g32 = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "grid": 32})
     assert g32.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM / 8.0)
-    for n, voxels in ((32, 2.0), (64, 4.0)):  # 16 mm in 8 mm and 4 mm voxels (256 mm box)
+    for n, voxels in ((32, 4.0), (64, 8.0)):  # 32 mm in 8 mm and 4 mm voxels (256 mm box)
         cj = CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n})
         assert cj.s3_options().c0_shift == pytest.approx(voxels)
         assert CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n,
@@ -304,7 +304,7 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
 def test_concentration_input_through_the_whole_path(case, tmp_path):
     """`--tumor-concentration` (synthetic studies) end to end: a c(1) on the patient's
     flipped grid instead of labels; exit 0 with every output on the patient's geometry, and
-    S.3 translates c0 by default there (16 mm = 2 voxels at 32³: S3_C0_SHIFT_MM_CONCENTRATION),
+    S.3 translates c0 by default there (32 mm = 4 voxels at 32³: S3_C0_SHIFT_MM_CONCENTRATION),
     within its bound, where on labels it does not (test_full_pipeline_outputs)."""
     tumor_img = sitk.ReadImage(str(case["tumor"]))
     t = sitk.GetArrayFromImage(tumor_img)
@@ -322,7 +322,7 @@ def test_concentration_input_through_the_whole_path(case, tmp_path):
     for name in OUTPUTS:
         same_geometry(sitk.ReadImage(str(out / name)), tumor_img)
     report = json.loads((out / "report.json").read_text())
-    assert report["effective_options"]["s3"]["c0_shift"] == pytest.approx(2.0)
+    assert report["effective_options"]["s3"]["c0_shift"] == pytest.approx(4.0)
     (e,) = report["atlases"]
     assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM_CONCENTRATION + 1e-9
     c1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predicted_tumor.nrrd")))
