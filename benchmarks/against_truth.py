@@ -44,12 +44,14 @@ def rows(report: dict, truth: dict, name: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pairs", nargs="+", type=pathlib.Path, help="REPORT TRUTH [REPORT TRUTH ...]")
-    ap.add_argument("--name", action="append", default=None, help="row label per pair (default the patient folder)")
+    ap.add_argument("--name", action="append", default=None, help="row label per pair (default the patient's folder)")
     a = ap.parse_args(argv)
     if len(a.pairs) % 2:
         ap.error("give report.json and ground_truth.json in pairs")
     pairs = list(zip(a.pairs[0::2], a.pairs[1::2]))
-    names = a.name or [p[1].parent.parent.name or p[1].parent.name for p in pairs]
+    # the patient folder (simulate's --out), or the job folder above demo_patient.py's patient/
+    names = a.name or [(t.resolve().parent.parent if t.resolve().parent.name == "patient" else t.resolve().parent).name
+                       for _, t in pairs]
     if len(names) != len(pairs):
         ap.error("one --name per pair")
     print("| patient | atlas | " + " / ".join(lbl for _, lbl, _ in KEYS) + " recovered | eγ | eρ | eκ | eu | on a bound |")
