@@ -128,9 +128,9 @@ S3_OPTIMIZER = "gauss-newton"
 #: at 32³: a large mass effect moves the tumour off its seed as well (tc-d: by up to 0.6
 #: max|u| along one axis). With 16 mm the tc-d patient (γ 1.2, max|u| 34 mm) converged with
 #: the translation on its bound along one axis at γ 5.4% under, max|u| 7.3% under, tumour
-#: misfit 0.049; with 24 mm the translation settled at (20.2, 14.4, −7.3) mm, inside the
-#: bound, and γ 0.1% over, max|u| 1.8% under, ρ 0.0%, misfit 0.020. 32 mm leaves that margin
-#: up to γ's 1.5 bound (benchmarks/ACCURACY.md, "The translation bound").
+#: misfit 0.049; with 24 mm and with 32 mm the translation settled at (20.2, 14.3, −7.3) mm,
+#: inside the bound, and γ 0.1% over, max|u| 1.8–1.9% under, ρ 0.0%, misfit 0.020. 32 mm
+#: leaves that margin up to γ's 1.5 bound (benchmarks/ACCURACY.md, "The translation bound").
 S3_C0_SHIFT_MM = 0.0
 S3_C0_SHIFT_MM_CONCENTRATION = 32.0
 #: S.3's tumour term on a label map or masks (job option s3.tumor_misfit; concentration data
