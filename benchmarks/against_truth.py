@@ -13,8 +13,8 @@ import argparse
 import json
 import pathlib
 
-SYMBOL = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}
 KEYS = (("gamma", "γ", "{:.3f}"), ("rho", "ρ", "{:.2f}"), ("kappa", "κ", "{:.4f}"), ("max_u_mm", "max\\|u\\| mm", "{:.2f}"))
+SYMBOL = {k: label for k, label, _ in KEYS}
 
 
 def relative_error(value, truth) -> str:
