@@ -45,6 +45,7 @@ def _libraryParentFolder():
 if _libraryParentFolder() not in sys.path:
     sys.path.insert(0, _libraryParentFolder())
 
+from GBMMassEffectLib.aggregate import PARAMETER_SYMBOLS  # noqa: E402  (report keys → the paper's symbols)
 from GBMMassEffectLib.runner import ProcessRunner, pythonModuleCommand  # noqa: E402
 
 PAPER_CITATION = (
@@ -114,7 +115,6 @@ class Device(enum.Enum):
 
 
 RESOLUTIONS = (64, 128, 160, 256)
-PARAMETER_SYMBOLS = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}  # report keys → the paper's symbols
 
 
 @parameterNodeWrapper

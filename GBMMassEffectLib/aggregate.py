@@ -84,7 +84,8 @@ def summarise(entries: list[dict]) -> Summary:
     return Summary(mean, std, [e["name"] for e in kept], basis)
 
 
-_SYMBOL = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}
+#: report keys of S.3's parameters → the paper's symbols (report notes; the Slicer module's table)
+PARAMETER_SYMBOLS = {"gamma": "γ", "rho": "ρ", "kappa": "κ"}
 
 
 def bound_notes(entries: list[dict], kept: list, options) -> tuple[dict, list[str]]:
@@ -93,7 +94,7 @@ def bound_notes(entries: list[dict], kept: list, options) -> tuple[dict, list[st
     bound's, not the data's (κ from BraTS labels at 32³: benchmarks/ACCURACY.md), and γ on 0
     means no mass effect was found."""
     summary, notes = {}, []
-    for k, sym in _SYMBOL.items():
+    for k, sym in PARAMETER_SYMBOLS.items():
         for side in ("lower", "upper"):
             names = [e["name"] for e in entries if e["name"] in kept and (e.get("at_bounds") or {}).get(k) == side]
             if not names:
