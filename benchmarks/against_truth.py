@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pairs", nargs="+", type=pathlib.Path, help="REPORT TRUTH [REPORT TRUTH ...]")
     ap.add_argument("--name", action="append", default=None, help="row label per pair (default the patient's folder)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # --name may come between the pairs
     if len(a.pairs) % 2:
         ap.error("give report.json and ground_truth.json in pairs")
     pairs = list(zip(a.pairs[0::2], a.pairs[1::2]))
