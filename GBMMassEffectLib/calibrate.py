@@ -141,7 +141,9 @@ S3_C0_SHIFT_MM_CONCENTRATION = 32.0
 #: (simulate's 1 mm labels, affine S.2, the 32³ box; ventricles hidden by the labels left
 #: out, VT_MASK_DILATION) it gave mean γ 0.385 and max|u| 8.2 mm for 0.4 and 10.0 mm, the
 #: indicator 0.402 and 9.6 mm: not the default (mass_effect_inversion's docstring and
-#: README "Accuracy" have the measurements).
+#: README "Accuracy" have the measurements). The band with the 32 mm translation of c0
+#: ("c0_shift": 4 at 32³; whole path, 2026-12-07): TC(d) γ −0.3% where the indicator gives
+#: −38%, P4 −17% for +56%, but P1 −35% for +5.2% and P5 γ 0 on its own atlas: not either.
 S3_TUMOR_MISFIT = "indicator"
 #: S.1's tumour term on a label map or masks (job option s1.tumor_misfit, as S.3's): §5's
 #: indicator; "band" sizes S.1's c0 to the label band as well. Measured at 32³ (README
