@@ -347,10 +347,12 @@ class CalibrateJob:
             raise InputError(f"S.3 options: {exc}") from None
 
     def _label_misfit_only(self, d: dict, stage: str) -> None:
-        """A concentration is compared as is (§5 with O = 1): the band needs labels."""
+        """A concentration is compared as is (§5 with O = 1): the band and the partial
+        volumes need labels."""
         if self.tumor_concentration:
-            if d.get("tumor_misfit", "indicator") != "indicator":
-                raise InputError(f"{stage} option tumor_misfit 'band' needs a tumor label map or masks, "
+            kind = d.get("tumor_misfit", "indicator")
+            if kind != "indicator":
+                raise InputError(f"{stage} option tumor_misfit {kind!r} needs a tumor label map or masks, "
                                  "not a tumor concentration")
             d["tumor_misfit"] = "indicator"
 

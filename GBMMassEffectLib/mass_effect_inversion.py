@@ -353,11 +353,17 @@ class MassEffectObjective:
         if res.cfl_flagged:
             self.cfl_flagged += 1
         xp = self.ops.xp
-        jt = self.misfit.value(res.c)
+        jt = float(0.5 * self.ops.h**3 * xp.sum(self.tumor_residual(res) ** 2, dtype=np.float64))
         r = self.vt_residual(res)
         jv = 0.5 * self.ops.h**3 * float(xp.sum(r * r, dtype=np.float64))
         parts = {"tumor": jt, "vt": jv}
         return jt + jv, parts, res
+
+    def tumor_residual(self, res):
+        """The tumour term's residual at a forward result (J_d = ½h³‖r‖²)."""
+        if getattr(self.misfit, "needs_tissues", False):
+            return self.misfit.residual(res.c, res.tissues)
+        return self.misfit.residual(res.c)
 
     def vt_residual(self, res):
         """vt(1) − vt_patient where the patient's ventricles are observed (vt_mask)."""
@@ -387,7 +393,7 @@ class MassEffectObjective:
                 return self._residuals[key]
         J, parts, res = self.solve(x)
         s = math.sqrt(self.ops.h ** 3)
-        r = np.concatenate([to_numpy(self.misfit.residual(res.c)).ravel(),
+        r = np.concatenate([to_numpy(self.tumor_residual(res)).ravel(),
                             to_numpy(self.vt_residual(res)).ravel()]).astype(np.float64) * s
         with self._lock:
             self._cache[key] = (J, parts)
@@ -588,7 +594,7 @@ def invert_mass_effect(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, *,
             raise ValueError("c0_weights must be finite, non-negative and not all zero")
         init["c0_weights"] = np.minimum(w / w.max(), options.c0_weight_max)
     # without labels the band's objective raises on the first level (MassEffectObjective)
-    labels = tuple(tumor_labels) if options.tumor_misfit == "band" and tumor_labels is not None else None
+    labels = tuple(tumor_labels) if options.tumor_misfit in ("band", "fraction") and tumor_labels is not None else None
     g0_ref = None
     coarse_runs: list[dict] = []
     rounds: list[dict] = []

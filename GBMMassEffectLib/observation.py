@@ -78,8 +78,9 @@ class Misfit:
 #: enhancing and edema values, the ones `simulate` labels its patients with)
 CORE_THRESHOLD = 0.4
 EDEMA_THRESHOLD = 0.02
-#: the tumour terms S.1 and S.3 offer (option tumor_misfit): §5's, and the label band
-TUMOR_MISFITS = ("indicator", "band")
+#: the tumour terms S.1 and S.3 offer (option tumor_misfit): §5's, the label band, and the
+#: labels as partial volumes (S.3 only: it has no adjoint)
+TUMOR_MISFITS = ("indicator", "band", "fraction")
 
 
 def check_label_thresholds(core_threshold, edema_threshold) -> None:
@@ -133,6 +134,104 @@ class BandMisfit:
         return self.ops.dtype.type(self.h3) * self.residual(c1)
 
 
+class PartialVolumeMisfit:
+    """Labels read as partial volumes (a deviation, S.3 option tumor_misfit "fraction"): the
+    share of each box voxel where c(1) > θ_core (the core) and c(1) > θ_edema (the whole
+    tumour), predicted below the voxel scale, against the labels' box fractions (what
+    `BoxGeometry.to_box(…, "fraction")` reads from a finer label map). c(1) is interpolated
+    spectrally onto the m³ sub-voxel centres of each voxel; a sub-voxel counts as above θ
+    by a linear ramp across it along ∇c (its share of the sub-voxel on the side c > θ of
+    the tangent plane, to first order), and the voxel's share is the mean over its m³
+    sub-voxels. Edema is drawn on parenchyma only (presets.brats_labels), so the whole
+    tumour's share beyond the core counts the parenchyma share (gm + wm) of the voxel in the
+    tissues at t = 1 (when given). Residual (F_core − f_core, F_whole − f_whole); J_d = ½h³‖r‖². Continuous in
+    c(1), so the finite differences S.3 uses see where a label boundary sits inside a
+    voxel, which the indicator and the band (both thresholded per voxel) do not."""
+
+    def __init__(self, ops: SpectralOps, core, edema=None, core_threshold: float = CORE_THRESHOLD,
+                 edema_threshold: float = EDEMA_THRESHOLD, supersample: int | None = None):
+        check_label_thresholds(core_threshold, edema_threshold)
+        xp, n = ops.xp, ops.n
+        self.ops, self.h3 = ops, ops.h**3
+        core = xp.clip(_check(ops, core, "tumor core").astype(ops.dtype), 0, 1)
+        data, levels = [core], [core_threshold]
+        if edema is not None:  # a core mask alone says nothing of the infiltration around it
+            data.append(xp.clip(core + _check(ops, edema, "edema").astype(ops.dtype), 0, 1))
+            levels.append(edema_threshold)
+        self.data, self.levels = xp.stack(data), levels
+        m = int(supersample or min(8, max(2, 128 // n)))
+        if m < 1:
+            raise ValueError(f"supersample must be ≥ 1, got {supersample!r}")
+        self.m, N = m, m * n
+        # the n-grid's wavenumbers in the N-grid's rfftn layout, Nyquist planes dropped
+        k = np.fft.fftfreq(n, d=1.0 / n).astype(int)
+        keep = np.abs(k) < n // 2
+        self._i01 = xp.asarray(np.mod(k[keep], N))
+        self._src01 = xp.asarray(np.nonzero(keep)[0])
+        self._src2 = xp.asarray(np.arange(n // 2))
+        # sub-voxel centres: x_i + ((j + ½)/m − ½)·h, j < m, i.e. the N-grid shifted by s
+        s = -(m - 1) / (2 * m) * ops.h
+        kk = xp.asarray(np.fft.fftfreq(N, d=1.0 / N))
+        kr = xp.asarray(np.arange(N // 2 + 1, dtype=float))
+        self._k = (kk.reshape(N, 1, 1), kk.reshape(1, N, 1), kr.reshape(1, 1, N // 2 + 1))
+        self._phase = xp.exp(1j * s * (self._k[0] + self._k[1] + self._k[2])) * (m ** 3)
+        self._h_sub = ops.h / m
+        self.parenchyma = None  # a fixed parenchyma share per voxel, instead of the tissues'
+
+    def _upsample(self, f, gradient: bool = False):
+        """f at the sub-voxel centres (spectral), and ‖∇f‖₁ there with gradient=True."""
+        ops, xp, n, N = self.ops, self.ops.xp, self.ops.n, self.m * self.ops.n
+        C = ops.fft(xp.asarray(f, dtype=ops.dtype))
+        C = C[self._src01][:, self._src01][:, :, self._src2]
+        P = xp.zeros((N, N, N // 2 + 1), dtype=C.dtype)
+        P[self._i01[:, None, None], self._i01[None, :, None], xp.arange(n // 2)[None, None, :]] = C
+        P *= self._phase
+        fine = ops.backend.irfftn(P, N)
+        if not gradient:
+            return fine
+        return fine, sum(xp.abs(ops.backend.irfftn(1j * k * P, N)) for k in self._k)
+
+    def _parenchyma(self, tissues, cf):
+        """Where edema can be drawn, per sub-voxel: gm, wm or the tumour outweighs bg, vt
+        and csf (presets.brats_labels on simulate's argmax labels), by a ramp one
+        sub-voxel wide along the gradient of that difference."""
+        xp = self.ops.xp
+        up = {k: self._upsample(getattr(tissues, k)) for k in ("gm", "wm", "vt", "csf", "bg")}
+        D = xp.maximum(xp.maximum(up["gm"], up["wm"]), cf) - xp.maximum(xp.maximum(up["bg"], up["vt"]), up["csf"])
+        g1 = sum(xp.abs(g) for g in xp.gradient(D, self._h_sub))
+        return xp.clip(0.5 + D / (g1 * self._h_sub + 1e-12), 0.0, 1.0)
+
+    #: the misfit reads the tissues at t = 1 too (MassEffectObjective passes them)
+    needs_tissues = True
+
+    def fractions(self, c1, tissues=None):
+        """(F_core[, F_whole]) of c(1): each box voxel's predicted share above θ; with the
+        tissues at t = 1, the whole tumour beyond the core on their parenchyma only."""
+        xp, n, m = self.ops.xp, self.ops.n, self.m
+        cf, g1 = self._upsample(c1, gradient=True)
+        width = g1 * self._h_sub + 1e-12  # the sub-voxel's extent along ∇c, in c
+        shares = [xp.clip(0.5 + (cf - level) / width, 0.0, 1.0) for level in self.levels]
+        if len(shares) == 2:
+            par = self.parenchyma
+            if par is None and tissues is not None:
+                par = self._parenchyma(tissues, cf)
+            if par is not None:
+                shares[1] = shares[0] + par * xp.maximum(shares[1] - shares[0], 0)
+        out = [a.reshape(n, m, n, m, n, m).mean(axis=(1, 3, 5)) for a in shares]
+        return xp.stack(out).astype(self.ops.dtype)
+
+    def residual(self, c1, tissues=None):
+        return self.fractions(c1, tissues) - self.data
+
+    def value(self, c1, tissues=None) -> float:
+        r = self.residual(c1, tissues)
+        return 0.5 * self.h3 * float(self.ops.xp.sum(r * r, dtype=np.float64))
+
+    def gradient(self, c1):
+        raise NotImplementedError("the partial-volume tumour term has no adjoint: S.3 only "
+                                  "(finite differences), not S.1")
+
+
 def tumor_misfits(ops: SpectralOps, kind: str, d, O=None, labels=None,
                   core_threshold: float = CORE_THRESHOLD, edema_threshold: float = EDEMA_THRESHOLD,
                   stage: str = "S.3"):
@@ -146,7 +245,9 @@ def tumor_misfits(ops: SpectralOps, kind: str, d, O=None, labels=None,
     if kind == "indicator":
         return indicator, indicator
     if labels is None:
-        raise ValueError(f"{stage} tumor_misfit 'band' needs the tumour labels (core, edema)")
+        raise ValueError(f"{stage} tumor_misfit '{kind}' needs the tumour labels (core, edema)")
+    if kind == "fraction":
+        return indicator, PartialVolumeMisfit(ops, labels[0], labels[1], core_threshold, edema_threshold)
     return indicator, BandMisfit(ops, *label_band(ops, labels[0], labels[1], core_threshold, edema_threshold))
 
 

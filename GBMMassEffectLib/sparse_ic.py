@@ -94,6 +94,9 @@ class SparseICOptions:
     def check(self):
         if self.tumor_misfit not in TUMOR_MISFITS:
             raise ValueError(f"S.1 tumor_misfit must be one of {', '.join(TUMOR_MISFITS)}, got {self.tumor_misfit!r}")
+        if self.tumor_misfit == "fraction":
+            raise ValueError("S.1 tumor_misfit 'fraction' is S.3's only (it has no adjoint): "
+                             "use 'indicator' or 'band' for S.1")
         check_label_thresholds(self.core_threshold, self.edema_threshold)
         cf = self.coarse_factor
         if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int) or cf < 1):

@@ -271,6 +271,7 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert (job.s3_options().tumor_misfit, job.s3_options().core_threshold,
             job.s3_options().edema_threshold) == ("indicator", 0.4, 0.02)
     assert o3({"tumor_misfit": "band"}).tumor_misfit == "band"
+    assert o3({"tumor_misfit": "fraction"}).tumor_misfit == "fraction"
     assert o3({"core_threshold": 0.5, "edema_threshold": 0.1}).core_threshold == 0.5
     with pytest.raises(InputError, match="tumor_misfit must be one of"):
         o3({"tumor_misfit": "dice"})
@@ -281,12 +282,16 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
     assert conc({}).tumor_misfit == "indicator" and conc({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
     with pytest.raises(InputError, match="tumor_misfit 'band' needs a tumor label map or masks"):
         conc({"tumor_misfit": "band"})
+    with pytest.raises(InputError, match="tumor_misfit 'fraction' needs a tumor label map or masks"):
+        conc({"tumor_misfit": "fraction"})
     # S.1 the same: §5's indicator unless asked, the band only on labels or masks
     o1 = lambda s1, **j: CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", **j,  # noqa: E731
                                                  "options": {"s1": s1}}).s1_options()
     assert o1({}).tumor_misfit == "indicator" and o1({"tumor_misfit": "band"}).tumor_misfit == "band"
     with pytest.raises(InputError, match="S.1 options: S.1 tumor_misfit must be one of"):
         o1({"tumor_misfit": "dice"})
+    with pytest.raises(InputError, match="S.1 options: S.1 tumor_misfit 'fraction' is S.3's only"):
+        o1({"tumor_misfit": "fraction"})
     with pytest.raises(InputError, match="S.1 option tumor_misfit 'band' needs a tumor label map or masks"):
         CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o",
                                 "options": {"s1": {"tumor_misfit": "band"}}}).s1_options()

@@ -695,3 +695,96 @@ def test_recovery_with_c0_max_16(glia_testdata):
     for k in ("gamma", "rho", "kappa"):
         assert e(r, k) < 0.02, (k, getattr(r, k), r.message)
     assert abs(r.max_u - umax) / umax < 0.02
+
+
+# ---- the labels as partial volumes (tumor_misfit "fraction") ---------------------------------
+
+def _ball_labels(ops, radius, centre, width=0.3, m=8):
+    """A radial profile c = 1/(1 + exp((r − R)/w)) on the box, and the box fractions of the
+    core (c > θ_core) and edema (θ_edema < c ≤ θ_core) drawn on an m-times finer grid from
+    the analytic c: what a label map finer than the box gives."""
+    n = ops.n
+    x = np.arange(n) * ops.h
+    xf = (np.arange(n * m) + 0.5) / m * ops.h - 0.5 * ops.h  # sub-voxel centres
+    prof = lambda g: 1.0 / (1.0 + np.exp((np.sqrt(sum((a - c) ** 2 for a, c in zip(g, centre))) - radius) / width))  # noqa: E731
+    c = prof(np.meshgrid(x, x, x, indexing="ij"))
+    cf = prof(np.meshgrid(xf, xf, xf, indexing="ij"))
+    blk = lambda a: a.reshape(n, m, n, m, n, m).mean(axis=(1, 3, 5))  # noqa: E731
+    return c, blk(cf > CORE_THRESHOLD), blk((cf > EDEMA_THRESHOLD) & (cf <= CORE_THRESHOLD))
+
+
+def test_partial_volume_misfit_reads_label_boundaries_inside_a_voxel():
+    """The predicted core and whole-tumour fractions of a smooth ball match the fractions a
+    finer label map gives (the residual small against the data), follow a sub-voxel move
+    of the ball continuously, and the edema beyond the core counts only on parenchyma."""
+    from GBMMassEffectLib.observation import PartialVolumeMisfit
+
+    ops = SpectralOps(16, get_backend("cpu", "float64"))
+    centre = (math.pi + 0.3 * ops.h,) * 3  # off the grid
+    c, core, edema = _ball_labels(ops, 3.2 * ops.h, centre)
+    pv = PartialVolumeMisfit(ops, core, edema)
+    assert pv.m == 8
+    r = pv.residual(c)
+    assert r.shape == (2, 16, 16, 16)
+    for i, data in enumerate((core, np.clip(core + edema, 0, 1))):
+        assert np.linalg.norm(r[i]) < 0.02 * np.linalg.norm(data), i
+        assert float(pv.fractions(c)[i].sum()) == pytest.approx(float(data.sum()), rel=0.01)
+    assert pv.value(c) == pytest.approx(0.5 * ops.h**3 * float((r**2).sum()))
+    # a tenth of a voxel more radius: the predicted core grows by about the shell's volume
+    vols = []
+    for dr in (0.0, 0.05, 0.1):
+        c2, *_ = _ball_labels(ops, (3.2 + dr) * ops.h, centre)
+        vols.append(float(pv.fractions(c2)[0].sum()))
+    assert vols[0] < vols[1] < vols[2]
+    assert vols[2] - vols[1] == pytest.approx(vols[1] - vols[0], rel=0.2)
+    # thresholded labels (the indicator, the band) do not see that move; the fractions do
+    c3, core3, _ = _ball_labels(ops, 3.3 * ops.h, centre)
+    assert pv.value(c3) > 2 * pv.value(c)
+    # no parenchyma anywhere (all CSF): the whole tumour beyond the core is not predicted
+    one, zero = np.ones_like(c), np.zeros_like(c)
+    csf = Tissues(wm=zero, gm=zero, vt=zero, csf=one, bg=zero)
+    F = pv.fractions(c, csf)
+    np.testing.assert_allclose(F[1], F[0], atol=1e-12)
+    wm = Tissues(wm=one, gm=zero, vt=zero, csf=zero, bg=zero)
+    np.testing.assert_allclose(pv.fractions(c, wm), pv.fractions(c), atol=1e-12)
+    # a core mask alone: the core term only
+    assert PartialVolumeMisfit(ops, core).residual(c).shape == (1, 16, 16, 16)
+    with pytest.raises(NotImplementedError, match="S.3 only"):
+        pv.gradient(c)
+
+
+def test_fraction_misfit_is_s3_only():
+    from GBMMassEffectLib.sparse_ic import SparseICOptions
+
+    with pytest.raises(ValueError, match="S.3's only"):
+        SparseICOptions(tumor_misfit="fraction").check()
+    assert MassEffectOptions(tumor_misfit="fraction").tumor_misfit == "fraction"
+    ops = SpectralOps(8, get_backend("cpu", "float32"))
+    z = np.zeros((8, 8, 8), np.float32)
+    T = Tissues.from_fractions(np, z + 1, z, z, z)
+    with pytest.raises(ValueError, match="'fraction' needs the tumour labels"):
+        invert_mass_effect(ops, T, z, z, None, z, options=MassEffectOptions(tumor_misfit="fraction"))
+
+
+def test_recovery_label_fractions_true_ic_16(glia_testdata):
+    """Labels as partial volumes drawn from c(1) on a grid twice as fine as the misfit's
+    sub-voxels (hard thresholds, edema on the parenchyma of the tissues at t = 1): S.3 with
+    tumor_misfit "fraction" recovers γ, ρ and κ, which thresholded 16³ labels leave
+    undetermined (the band: κ 0.011 for 0.025)."""
+    from GBMMassEffectLib.observation import PartialVolumeMisfit
+
+    ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
+    fine = PartialVolumeMisfit(ops, np.zeros((16,) * 3), np.zeros((16,) * 3), supersample=16)
+    cf = fine._upsample(res.c)
+    par = fine._parenchyma(res.tissues, cf) > 0.5
+    blk = lambda a: a.reshape(16, 16, 16, 16, 16, 16).mean(axis=(1, 3, 5))  # noqa: E731
+    core = blk(cf > CORE_THRESHOLD)
+    edema = blk((cf > EDEMA_THRESHOLD) & (cf <= CORE_THRESHOLD) & par)
+    start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
+    r = invert_mass_effect(ops, tissues, c0, tumor_data(ops, core), observation_operator(ops, core, edema),
+                           res.tissues.vt, initial=start, tumor_labels=(core, edema),
+                           options=MassEffectOptions(workers=2, hessian=False, optimizer="gauss-newton",
+                                                     tumor_misfit="fraction"))
+    for k, tol in (("gamma", 0.03), ("rho", 0.03), ("kappa", 0.1)):
+        assert getattr(r, k) == pytest.approx(TRUTH[k], rel=tol), (k, getattr(r, k), r.message)
+    assert r.max_u == pytest.approx(float(res.displacement_norm().max()), rel=0.03)

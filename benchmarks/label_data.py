@@ -11,7 +11,9 @@ prints a markdown table of the recovered γ, ρ, κ. The concentration row is th
 what the same S.3 recovers from the tumour concentration itself. The label rows: §5's core
 indicator smoothed one box voxel with O = 0 on edema (what calibrate does), half and a
 quarter of a voxel, unsmoothed, the
-core's box fraction unsmoothed, the label band, and both with the edema read as the whole
+core's box fraction unsmoothed, the label band, the labels as partial volumes (S.3's
+tumor_misfit "fraction": the core's and the whole tumour's box fractions against the shares
+of each voxel above the thresholds that c(1) predicts), and the indicator and the band with the edema read as the whole
 tumour's fraction > 0.5 outside the core (a mixed voxel of core and edema is then edema).
 """
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
         ("indicator unsmoothed, O", ind, own, {}),
         ("core fraction unsmoothed, O", core, own, {}),
         ("label band (edema: its own fraction > 0.5)", d_cal, own, {"tumor_misfit": "band"}),
+        ("labels as partial volumes (tumor_misfit fraction)", d_cal, own, {"tumor_misfit": "fraction"}),
         ("indicator smoothed one voxel, O from the whole tumour", d_cal, whole_, {}),
         ("band from the whole tumour", d_cal, whole_, {"tumor_misfit": "band"}),
     ]

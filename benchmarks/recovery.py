@@ -507,9 +507,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma-field", type=float, default=1.5,
                     help="S.2 demons field smoothing in voxels (other-atlases)")
     ap.add_argument("--data", choices=("concentration", "labels"), default="concentration")
-    ap.add_argument("--tumor-misfit", choices=TUMOR_MISFITS, default=S3_TUMOR_MISFIT,
-                    help="S.3's tumour term on label data (default calibrate's: §5's indicator; band: the label band)")
-    ap.add_argument("--s1-tumor-misfit", choices=TUMOR_MISFITS, default=S1_TUMOR_MISFIT,
+    # not "fraction" (partial volumes): the labels here are drawn in the box, whole voxels
+    # only, so they carry no partial volumes to read (calibrate's come from 1 mm images)
+    box_misfits = [k for k in TUMOR_MISFITS if k != "fraction"]
+    ap.add_argument("--tumor-misfit", choices=box_misfits, default=S3_TUMOR_MISFIT if S3_TUMOR_MISFIT in box_misfits
+                    else "indicator",
+                    help="S.3's tumour term on label data (default §5's indicator; band: the label band)")
+    ap.add_argument("--s1-tumor-misfit", choices=box_misfits, default=S1_TUMOR_MISFIT,
                     help="S.1's tumour term on label data (default calibrate's: §5's indicator; band: the label band)")
     ap.add_argument("--label-thresholds", nargs=2, type=float, default=[CORE, EDEMA], metavar=("CORE", "EDEMA"),
                     help="c(1) levels the patient's labels are drawn at (default the label band's, "
