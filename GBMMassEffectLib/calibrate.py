@@ -56,17 +56,20 @@ Stages:
        S.1's atom weights refitted with (γ, ρ, κ) (S3_C0_REFIT, job option s3.c0_refit:
        S.1's model has no mass effect, so its c0 is sized and placed for the wrong model;
        each support atom goes through the registration like c0; report atlases[i].c0_weights),
-       on a tumour concentration also translated by up to 32 mm (S3_C0_SHIFT_MM_CONCENTRATION;
-       report atlases[i].c0_shift_mm).
+       and translated by up to 32 mm (S3_C0_SHIFT_MM; report atlases[i].c0_shift_mm) when
+       the tumour term reads the data below the voxel scale (a concentration; labels as
+       partial volumes, the default).
        "c0_pullback": K instead pulls S.1's c0 back K rounds with S.3's displacement; both
        off is the paper's fixed c0 (mass_effect_inversion's docstring). The optimiser is
        Gauss-Newton on the residual's FD Jacobian (S3_OPTIMIZER; "s3": {"optimizer":
        "lbfgsb"} is §6's L-BFGS-B): with the refit's coupled weights it converges in ~5×
        fewer forward solves.
-       The tumour term is §5's (S3_TUMOR_MISFIT); on labels or masks "s3": {"tumor_misfit":
-       "band"} reads each label boundary as an iso-contour of c(1) instead, with the warped
-       core and edema fractions; a concentration is compared as is (sampled at the atlas
-       box nodes through the registration; c0 and its atoms are warped cubically).
+       The tumour term on labels or masks reads them as partial volumes (S3_TUMOR_MISFIT
+       "fraction": the warped core and edema fractions against the shares of each voxel
+       above the label thresholds that c(1) predicts; a deviation from §5); "s3":
+       {"tumor_misfit": "indicator"} is §5's, "band" reads each label boundary as an
+       iso-contour of c(1); a concentration is compared as is (§5 with O = 1, sampled at
+       the atlas box nodes through the registration; c0 and its atoms are warped cubically).
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
        pushed forward through the map, registration.warp_to_patient); the patient-space |u|
        is the norm of those vectors. report max_u_mm is S.3's max|u| in atlas space.
@@ -112,18 +115,22 @@ S3_C0_REFIT = True  # S.3 refits S.1's atom weights by default (job option s3.c0
 #: Jacobian of the residual, the same 1 + |x| solves per iteration as §6's FD gradient
 #: (mass_effect_inversion's docstring); "lbfgsb" is §6's L-BFGS-B
 S3_OPTIMIZER = "gauss-newton"
-#: with the refit, S.3 may also optimise a translation of c0 of up to this many mm per axis
-#: (job option s3.c0_shift, in voxels of the grid; 0 = off). On a label map or masks it is
-#: off: measured at 32³ (README "Accuracy") it helps on label TC(c) (eγ 13.8% → 7.6%) but
-#: hurts on label TC(b) (3.3% → 6.9%) and the tc-b demo patient (0.5% → 35% over): labels
-#: say where the tumour is but not where its concentration peaks, so the translation has
-#: nothing to go by. A tumour concentration (synthetic studies) does say it, and there the
-#: translation is on by default (S3_C0_SHIFT_MM_CONCENTRATION): S.1's atoms sit on a lattice
-#: two box voxels apart (16 mm at 32³), fitted by a model without mass effect, so its c0 is
-#: a blend of neighbouring atoms, wider and heavier than the seed, and S.3 answers with a low
-#: ρ; translated, one atom can sit on the seed (Table 1 concentration TC(b)-(d) at 32³: every
+#: with the refit, S.3 also optimises a translation of c0 of up to this many mm per axis
+#: (job option s3.c0_shift, in voxels of the grid; 0 = off) whenever its tumour term reads
+#: the data below the voxel scale: a tumour concentration, or labels as partial volumes
+#: (S3_TUMOR_MISFIT "fraction", the default). S.1's atoms sit on a lattice two box voxels
+#: apart (16 mm at 32³), fitted by a model without mass effect, so its c0 is a blend of
+#: neighbouring atoms, wider and heavier than the seed, and S.3 answers with a low ρ;
+#: translated, one atom can sit on the seed (Table 1 concentration TC(b)-(d) at 32³: every
 #: error < 1%, from eγ up to 3.6%, eu up to 8.5%; patient P1 of benchmarks/ACCURACY.md, γ 0.6
 #: in sri24, on its own atlas: γ 0.727 → 0.563, the tumour misfit J 1.45e-2 → 8.0e-4).
+#: With labels read as partial volumes the same (whole path, 32³, 2026-12-07: label TC(d)
+#: γ −38% with the indicator, −17% with the partial volumes alone, +1.7% with both; P5,
+#: γ 0.3 with a 4 mm mass effect, on its own atlas −4.5% where the indicator gave −81%).
+#: With thresholded labels (tumor_misfit "indicator" or "band") it stays off: measured at
+#: 32³ it helps on label TC(c) (eγ 13.8% → 7.6%) but hurts on label TC(b) (3.3% → 6.9%)
+#: and the tc-b demo patient (0.5% → 35% over): a voxel's label says where the tumour is
+#: but not where in the voxel its boundary runs, so the translation has nothing to go by.
 #: Its price: 3 more forward solves per S.3 iteration. The bound is 32 mm, two lattice steps
 #: at 32³: a large mass effect moves the tumour off its seed as well (tc-d: by up to 0.6
 #: max|u| along one axis). With 16 mm the tc-d patient (γ 1.2, max|u| 34 mm) converged with
@@ -131,20 +138,20 @@ S3_OPTIMIZER = "gauss-newton"
 #: misfit 0.049; with 24 mm and with 32 mm the translation settled at (20.2, 14.3, −7.3) mm,
 #: inside the bound, and γ 0.1% over, max|u| 1.8–1.9% under, ρ 0.0%, misfit 0.020. 32 mm
 #: leaves that margin up to γ's 1.5 bound (benchmarks/ACCURACY.md, "The translation bound").
-S3_C0_SHIFT_MM = 0.0
-S3_C0_SHIFT_MM_CONCENTRATION = 32.0
+S3_C0_SHIFT_MM = 32.0
 #: S.3's tumour term on a label map or masks (job option s3.tumor_misfit; concentration data
-#: always uses §5's): "indicator" is §5's ½h³‖O(c(1) − d)‖², which pulls the core to c = 1;
-#: "band" (an option) reads each label boundary as an iso-contour of c(1) at the levels
-#: `simulate` labels at (s3.core_threshold 0.4, s3.edema_threshold 0.02). The band wins
-#: with the true c0 and on max|u| in the unregistered 32³ rows; on the demo patient
-#: (simulate's 1 mm labels, affine S.2, the 32³ box; ventricles hidden by the labels left
-#: out, VT_MASK_DILATION) it gave mean γ 0.385 and max|u| 8.2 mm for 0.4 and 10.0 mm, the
-#: indicator 0.402 and 9.6 mm: not the default (mass_effect_inversion's docstring and
-#: README "Accuracy" have the measurements). The band with the 32 mm translation of c0
-#: ("c0_shift": 4 at 32³; whole path, 2026-12-07): TC(d) γ −0.3% where the indicator gives
-#: −38%, P4 −17% for +56%, but P1 −35% for +5.2% and P5 γ 0 on its own atlas: not either.
-S3_TUMOR_MISFIT = "indicator"
+#: always uses §5's): "fraction" (the default, a deviation from §5) reads the labels as
+#: partial volumes: the warped core and whole-tumour box fractions against each voxel's
+#: share above the levels `simulate` labels at (s3.core_threshold 0.4, s3.edema_threshold
+#: 0.02) that c(1) predicts below the voxel scale (observation.PartialVolumeMisfit), with c0
+#: translated by up to S3_C0_SHIFT_MM. "indicator" is §5's ½h³‖O(c(1) − d)‖², which pulls
+#: the core to c = 1; "band" reads each label boundary as an iso-contour of c(1), per
+#: voxel. Both threshold each voxel, so 32³ labels do not determine κ and γ trades against
+#: it: whole path, 32³ (README "Accuracy"), label TC(d) γ −38% with the indicator, −0.3% with
+#: the band and the translation, +1.3% (max|u| −1.4%, ρ −1.3%, κ −7.7%) with the partial
+#: volumes and the translation; the band's rows on other patients were not better than the
+#: indicator's (P1 −35% for +5.2%, P5 γ 0), the partial volumes' are (README has every row).
+S3_TUMOR_MISFIT = "fraction"
 #: S.1's tumour term on a label map or masks (job option s1.tumor_misfit, as S.3's): §5's
 #: indicator; "band" sizes S.1's c0 to the label band as well. Measured at 32³ (README
 #: "Accuracy"): a c0 slightly nearer the truth on TC(c), TC(d), but no better γ or max|u|
@@ -157,12 +164,11 @@ S1_TUMOR_MISFIT = "indicator"
 VT_MASK_DILATION = 1
 
 
-def s3_c0_shift_voxels(grid: int, box_mm: float, concentration: bool = False) -> float:
-    """S.3's default translation bound of c0 (S3_C0_SHIFT_MM, or S3_C0_SHIFT_MM_CONCENTRATION
-    when the tumour input is a concentration) in voxels of an n³ box of edge box_mm
-    (MassEffectOptions.c0_shift)."""
-    mm = S3_C0_SHIFT_MM_CONCENTRATION if concentration else S3_C0_SHIFT_MM
-    return mm * grid / box_mm
+def s3_c0_shift_voxels(grid: int, box_mm: float, subvoxel: bool = True) -> float:
+    """S.3's default translation bound of c0 in voxels of an n³ box of edge box_mm
+    (MassEffectOptions.c0_shift): S3_C0_SHIFT_MM when the tumour term reads the data below
+    the voxel scale (subvoxel: a concentration, or labels as partial volumes), else 0."""
+    return S3_C0_SHIFT_MM * grid / box_mm if subvoxel else 0.0
 #: default deformable stage of the S.2 registration that carries the patient's data into an
 #: atlas for S.3 (job option registration.deformable): none, i.e. affine only. A deformable
 #: stage matches the patient's compressed ventricles to the atlas's and so removes the mass
@@ -329,18 +335,20 @@ class CalibrateJob:
         from .mass_effect_inversion import MassEffectOptions
 
         d = dict(self.options.get("s3") or {})
+        self._label_misfit_only(d, "S.3")
+        d.setdefault("tumor_misfit", S3_TUMOR_MISFIT)
         # S.1's c0 comes from a model without mass effect: S.3 refits its atom weights
         # (mass_effect_inversion's module docstring); it also translates it ("c0_shift",
-        # voxels) by default on a concentration, not on labels (S3_C0_SHIFT_MM says why).
+        # voxels) by default when its tumour term reads the data below the voxel scale: a
+        # concentration, or labels as partial volumes (S3_C0_SHIFT_MM says why).
         # "c0_refit": false with "c0_pullback": K pulls it back K rounds instead;
         # "c0_refit": false alone keeps the paper's fixed c0.
         d.setdefault("c0_refit", S3_C0_REFIT and not d.get("c0_pullback"))
         d.setdefault("c0_pullback", 0)
         d.setdefault("optimizer", S3_OPTIMIZER)
-        d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm, bool(self.tumor_concentration))
+        subvoxel = bool(self.tumor_concentration) or d["tumor_misfit"] == "fraction"
+        d.setdefault("c0_shift", s3_c0_shift_voxels(self.grid, self.box_mm, subvoxel)
                      if d["c0_refit"] is True else 0.0)
-        self._label_misfit_only(d, "S.3")
-        d.setdefault("tumor_misfit", S3_TUMOR_MISFIT)
         try:
             return MassEffectOptions.from_dict(d)
         except (TypeError, ValueError) as exc:

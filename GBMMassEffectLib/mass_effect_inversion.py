@@ -96,6 +96,16 @@ the thresholds: labels drawn at other levels shift γ (32³ TC(c)/(d), true IC, 
 (simulate's 1 mm labels, affine S.2, 32³, hidden ventricles masked: vt_mask) the band gave
 mean γ 0.385 (3.8% under), max|u| 8.2 mm for 10.0, the indicator 0.402 and 9.6 mm: hence
 not calibrate's default (README "Accuracy"; before the mask the band gave γ 0.269).
+"fraction" (observation.PartialVolumeMisfit) reads the labels as partial volumes: the core's
+and the whole tumour's box fractions (calibrate warps them as fractions of the 1 mm label
+map) against each voxel's share above θ_core and θ_edema that c(1) predicts, interpolated
+spectrally onto m³ sub-voxels (m = 4 at 32³, 2 at 64³), edema counted on parenchyma only;
+residual (F_core − f_core, F_whole − f_whole). It is continuous in c(1), so the finite
+differences see a label boundary move inside a voxel; the thresholded readings do not, and
+that is why 32³ labels left κ undetermined (on a bound) and γ trading against it. With the
+true c0 and atlas (benchmarks/label_data.py, 32³, from 10% off): P1 γ +2.8%, ρ −1.3%, κ
++7.3% (indicator +14%, −8.3%, +157%); P2 +1.9%, +0.6%, −7.8%; P3 +2.2%, +1.7%, −14%; P4
++1.6%, −1.2%, +11%; TC(d) +1.1%, −1.3%, +8.6% (indicator −21% in γ). No adjoint: S.3 only.
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@
   each label boundary read as an iso-contour of c(1) at the thresholds `simulate` draws
   its labels at (presets.BRATS_THRESHOLDS), i.e. bounds L ≤ c(1) ≤ U per voxel and the
   misfit ½h³‖(c − U)₊ − (L − c)₊‖², zero when the predicted labels are the observed ones.
+- labels as partial volumes (a deviation, an S.3 option on label data, PartialVolumeMisfit):
+  the share of each voxel above the same thresholds that c(1) predicts below the voxel
+  scale, against the labels' box fractions; it sees where a label boundary runs inside a
+  voxel, which both readings above, thresholded per voxel, do not.
 """
 from __future__ import annotations
 
@@ -140,11 +144,11 @@ class PartialVolumeMisfit:
     tumour), predicted below the voxel scale, against the labels' box fractions (what
     `BoxGeometry.to_box(…, "fraction")` reads from a finer label map). c(1) is interpolated
     spectrally onto the m³ sub-voxel centres of each voxel; a sub-voxel counts as above θ
-    by a linear ramp across it along ∇c (its share of the sub-voxel on the side c > θ of
-    the tangent plane, to first order), and the voxel's share is the mean over its m³
-    sub-voxels. Edema is drawn on parenchyma only (presets.brats_labels), so the whole
-    tumour's share beyond the core counts the parenchyma share (gm + wm) of the voxel in the
-    tissues at t = 1 (when given). Residual (F_core − f_core, F_whole − f_whole); J_d = ½h³‖r‖². Continuous in
+    by a linear ramp across it along ∇c (its share on the side c > θ of the tangent plane,
+    to first order; ‖∇c‖₁ that of its box voxel), and the voxel's share is the mean over its
+    m³ sub-voxels. Edema is drawn on parenchyma only (presets.brats_labels), so with the
+    tissues at t = 1 the whole tumour beyond the core counts only on the sub-voxels where
+    max(gm, wm, c) outweighs max(bg, vt, csf) (the same ramp; both maxima interpolated). Residual (F_core − f_core, F_whole − f_whole); J_d = ½h³‖r‖². Continuous in
     c(1), so the finite differences S.3 uses see where a label boundary sits inside a
     voxel, which the indicator and the band (both thresholded per voxel) do not."""
 
@@ -171,54 +175,64 @@ class PartialVolumeMisfit:
         self._src2 = xp.asarray(np.arange(n // 2))
         # sub-voxel centres: x_i + ((j + ½)/m − ½)·h, j < m, i.e. the N-grid shifted by s
         s = -(m - 1) / (2 * m) * ops.h
-        kk = xp.asarray(np.fft.fftfreq(N, d=1.0 / N))
-        kr = xp.asarray(np.arange(N // 2 + 1, dtype=float))
-        self._k = (kk.reshape(N, 1, 1), kk.reshape(1, N, 1), kr.reshape(1, 1, N // 2 + 1))
-        self._phase = xp.exp(1j * s * (self._k[0] + self._k[1] + self._k[2])) * (m ** 3)
+        kk = np.fft.fftfreq(N, d=1.0 / N)
+        kr = np.arange(N // 2 + 1, dtype=float)
+        phase = np.exp(1j * s * (kk[:, None, None] + kk[None, :, None] + kr[None, None, :])) * m**3
+        self._phase = xp.asarray(phase, dtype=np.result_type(ops.dtype, np.complex64))
         self._h_sub = ops.h / m
         self.parenchyma = None  # a fixed parenchyma share per voxel, instead of the tissues'
 
-    def _upsample(self, f, gradient: bool = False):
-        """f at the sub-voxel centres (spectral), and ‖∇f‖₁ there with gradient=True."""
-        ops, xp, n, N = self.ops, self.ops.xp, self.ops.n, self.m * self.ops.n
-        C = ops.fft(xp.asarray(f, dtype=ops.dtype))
-        C = C[self._src01][:, self._src01][:, :, self._src2]
-        P = xp.zeros((N, N, N // 2 + 1), dtype=C.dtype)
-        P[self._i01[:, None, None], self._i01[None, :, None], xp.arange(n // 2)[None, None, :]] = C
+    def _upsample(self, fields):
+        """Fields (k, n, n, n) at the sub-voxel centres (spectral), as (k, n, m, n, m, n, m):
+        axes 1, 3, 5 index the box voxel, 2, 4, 6 the sub-voxel in it."""
+        ops, xp, n, m = self.ops, self.ops.xp, self.ops.n, self.m
+        N = m * n
+        C = ops.fft(xp.asarray(fields, dtype=ops.dtype))
+        C = C[:, self._src01][:, :, self._src01][:, :, :, self._src2]
+        P = xp.zeros((C.shape[0], N, N, N // 2 + 1), dtype=self._phase.dtype)
+        P[:, self._i01[:, None, None], self._i01[None, :, None], xp.arange(n // 2)[None, None, :]] = C
         P *= self._phase
-        fine = ops.backend.irfftn(P, N)
-        if not gradient:
-            return fine
-        return fine, sum(xp.abs(ops.backend.irfftn(1j * k * P, N)) for k in self._k)
+        fine = ops.backend.irfftn(P, N).astype(ops.dtype, copy=False)
+        return fine.reshape(-1, n, m, n, m, n, m)
 
-    def _parenchyma(self, tissues, cf):
-        """Where edema can be drawn, per sub-voxel: gm, wm or the tumour outweighs bg, vt
-        and csf (presets.brats_labels on simulate's argmax labels), by a ramp one
-        sub-voxel wide along the gradient of that difference."""
+    def _ramp(self, f6, level, g1):
+        """Each sub-voxel's share where f > level, f linear across it along ∇f: a ramp one
+        sub-voxel extent (h_sub·‖∇f‖₁, ‖∇f‖₁ its box voxel's) wide."""
         xp = self.ops.xp
-        up = {k: self._upsample(getattr(tissues, k)) for k in ("gm", "wm", "vt", "csf", "bg")}
-        D = xp.maximum(xp.maximum(up["gm"], up["wm"]), cf) - xp.maximum(xp.maximum(up["bg"], up["vt"]), up["csf"])
-        g1 = sum(xp.abs(g) for g in xp.gradient(D, self._h_sub))
-        return xp.clip(0.5 + D / (g1 * self._h_sub + 1e-12), 0.0, 1.0)
+        width = (g1 * self._h_sub + 1e-12)[:, None, :, None, :, None]
+        return xp.clip(0.5 + (f6 - level) / width, 0.0, 1.0)
 
     #: the misfit reads the tissues at t = 1 too (MassEffectObjective passes them)
     needs_tissues = True
 
     def fractions(self, c1, tissues=None):
         """(F_core[, F_whole]) of c(1): each box voxel's predicted share above θ; with the
-        tissues at t = 1, the whole tumour beyond the core on their parenchyma only."""
-        xp, n, m = self.ops.xp, self.ops.n, self.m
-        cf, g1 = self._upsample(c1, gradient=True)
-        width = g1 * self._h_sub + 1e-12  # the sub-voxel's extent along ∇c, in c
-        shares = [xp.clip(0.5 + (cf - level) / width, 0.0, 1.0) for level in self.levels]
+        tissues at t = 1, the whole tumour beyond the core on their parenchyma only: where
+        gm, wm or the tumour outweigh bg, vt and csf (presets.brats_labels on simulate's
+        argmax labels), per sub-voxel."""
+        ops, xp = self.ops, self.ops.xp
+        c1 = xp.asarray(c1, dtype=ops.dtype)
+        fields = [c1]
+        use_tissues = len(self.levels) == 2 and self.parenchyma is None and tissues is not None
+        if use_tissues:
+            par_max = xp.maximum(tissues.gm, tissues.wm)
+            other_max = xp.maximum(xp.maximum(tissues.bg, tissues.vt), tissues.csf)
+            fields += [par_max, other_max]
+        fine = self._upsample(xp.stack(fields))
+        g1 = sum(xp.abs(g) for g in ops.grad(c1))
+        shares = [self._ramp(fine[0], level, g1) for level in self.levels]
         if len(shares) == 2:
-            par = self.parenchyma
-            if par is None and tissues is not None:
-                par = self._parenchyma(tissues, cf)
+            if use_tissues:
+                D = xp.maximum(fine[1], fine[0]) - fine[2]
+                gD = sum(xp.abs(g) for g in xp.gradient(xp.maximum(par_max, c1) - other_max, ops.h))
+                par = self._ramp(D, 0.0, gD)
+            elif self.parenchyma is not None:
+                par = xp.asarray(self.parenchyma, dtype=ops.dtype)[:, None, :, None, :, None]
+            else:
+                par = None
             if par is not None:
                 shares[1] = shares[0] + par * xp.maximum(shares[1] - shares[0], 0)
-        out = [a.reshape(n, m, n, m, n, m).mean(axis=(1, 3, 5)) for a in shares]
-        return xp.stack(out).astype(self.ops.dtype)
+        return xp.stack([a.mean(axis=(1, 3, 5)) for a in shares]).astype(ops.dtype)
 
     def residual(self, c1, tissues=None):
         return self.fractions(c1, tissues) - self.data

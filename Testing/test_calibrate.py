@@ -20,7 +20,7 @@ import scipy.ndimage
 import SimpleITK as sitk
 
 from GBMMassEffectLib import aggregate, io
-from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, S3_C0_SHIFT_MM_CONCENTRATION, CalibrateJob, InputError
+from GBMMassEffectLib.calibrate import S3_C0_SHIFT_MM, S3_TUMOR_MISFIT, CalibrateJob, InputError
 from GBMMassEffectLib.registration import BRAIN_DICE_POOR
 from cli_helpers import assert_one_line_error as one_line_error
 from cli_helpers import run_cli, signal_cli_when
@@ -245,13 +245,19 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"optimizer": "bfgs"})
     assert (o3({"c0_pullback": 2}).c0_refit, o3({"c0_pullback": 2}).c0_pullback) == (False, 2)
     assert (o3({"c0_refit": False}).c0_refit, o3({"c0_refit": False}).c0_pullback) == (False, 0)
-    # the refit translates c0 by up to S3_C0_SHIFT_MM on labels (in voxels of the grid; 0 =
-    # off) and S3_C0_SHIFT_MM_CONCENTRATION (32 mm: two S.1 lattice steps at 32³) on a
-    # concentration, or as asked; the pull-back and the paper's fixed c0 do not, unless asked
-    assert S3_C0_SHIFT_MM == 0 and S3_C0_SHIFT_MM_CONCENTRATION == 32.0
-    assert job.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM * job.grid / job.box_mm)
+    # the refit translates c0 by up to S3_C0_SHIFT_MM (32 mm: two S.1 lattice steps at 32³;
+    # in voxels of the grid) when S.3's tumour term reads the data below the voxel scale (a
+    # concentration, labels as partial volumes), not with thresholded labels, or as asked;
+    # the pull-back and the paper's fixed c0 do not, unless asked
+    assert S3_C0_SHIFT_MM == 32.0
+    on = S3_TUMOR_MISFIT == "fraction"
+    assert job.s3_options().c0_shift == pytest.approx(on * S3_C0_SHIFT_MM * job.grid / job.box_mm)
+    for kind, expected in (("fraction", 4.0), ("indicator", 0.0), ("band", 0.0)):
+        o = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "grid": 32,
+                                    "options": {"s3": {"tumor_misfit": kind}}}).s3_options()
+        assert o.c0_shift == pytest.approx(expected), kind
     g32 = CalibrateJob.from_dict({"tumor_labels": "t", "out": "o", "grid": 32})
-    assert g32.s3_options().c0_shift == pytest.approx(S3_C0_SHIFT_MM / 8.0)
+    assert g32.s3_options().c0_shift == pytest.approx(on * S3_C0_SHIFT_MM / 8.0)
     for n, voxels in ((32, 4.0), (64, 8.0)):  # 32 mm in 8 mm and 4 mm voxels (256 mm box)
         cj = CalibrateJob.from_dict({"tumor_concentration": "c", "out": "o", "grid": n})
         assert cj.s3_options().c0_shift == pytest.approx(voxels)
@@ -266,10 +272,12 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"c0_shift": -1})
     with pytest.raises(InputError, match="choose one"):
         o3({"c0_refit": True, "c0_pullback": 1})
-    # S.3's tumour term: §5's indicator by default, the label band on request on labels or
-    # masks (thresholds those of simulate's labels); a concentration is always compared as is
+    # S.3's tumour term on labels or masks: the partial volumes by default, §5's indicator or
+    # the label band on request (thresholds those of simulate's labels); a concentration is
+    # always compared as is
     assert (job.s3_options().tumor_misfit, job.s3_options().core_threshold,
-            job.s3_options().edema_threshold) == ("indicator", 0.4, 0.02)
+            job.s3_options().edema_threshold) == ("fraction", 0.4, 0.02)
+    assert o3({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
     assert o3({"tumor_misfit": "band"}).tumor_misfit == "band"
     assert o3({"tumor_misfit": "fraction"}).tumor_misfit == "fraction"
     assert o3({"core_threshold": 0.5, "edema_threshold": 0.1}).core_threshold == 0.5
@@ -309,8 +317,8 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
 def test_concentration_input_through_the_whole_path(case, tmp_path):
     """`--tumor-concentration` (synthetic studies) end to end: a c(1) on the patient's
     flipped grid instead of labels; exit 0 with every output on the patient's geometry, and
-    S.3 translates c0 by default there (32 mm = 4 voxels at 32³: S3_C0_SHIFT_MM_CONCENTRATION),
-    within its bound, where on labels it does not (test_full_pipeline_outputs)."""
+    S.3 translates c0 by default there (32 mm = 4 voxels at 32³: S3_C0_SHIFT_MM), within
+    its bound."""
     tumor_img = sitk.ReadImage(str(case["tumor"]))
     t = sitk.GetArrayFromImage(tumor_img)
     k, j, i = np.argwhere(t == 1).mean(0)
@@ -329,7 +337,7 @@ def test_concentration_input_through_the_whole_path(case, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["effective_options"]["s3"]["c0_shift"] == pytest.approx(4.0)
     (e,) = report["atlases"]
-    assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM_CONCENTRATION + 1e-9
+    assert len(e["c0_shift_mm"]) == 3 and max(map(abs, e["c0_shift_mm"])) <= S3_C0_SHIFT_MM + 1e-9
     c1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predicted_tumor.nrrd")))
     assert c1[conc > 0.5].mean() > 0.3 > c1[conc < 0.01].mean()  # the tumour lands on the tumour
 

@@ -775,11 +775,12 @@ def test_recovery_label_fractions_true_ic_16(glia_testdata):
 
     ops, tissues, c0, res = _atlas_case(glia_testdata, 16)
     fine = PartialVolumeMisfit(ops, np.zeros((16,) * 3), np.zeros((16,) * 3), supersample=16)
-    cf = fine._upsample(res.c)
-    par = fine._parenchyma(res.tissues, cf) > 0.5
-    blk = lambda a: a.reshape(16, 16, 16, 16, 16, 16).mean(axis=(1, 3, 5))  # noqa: E731
-    core = blk(cf > CORE_THRESHOLD)
-    edema = blk((cf > EDEMA_THRESHOLD) & (cf <= CORE_THRESHOLD) & par)
+    T1 = res.tissues
+    cf, par_max, other_max = fine._upsample(np.stack([res.c, np.maximum(T1.gm, T1.wm),
+                                                      np.maximum(np.maximum(T1.bg, T1.vt), T1.csf)]))
+    par = np.maximum(par_max, cf) > other_max
+    core = (cf > CORE_THRESHOLD).mean(axis=(1, 3, 5))
+    edema = ((cf > EDEMA_THRESHOLD) & (cf <= CORE_THRESHOLD) & par).mean(axis=(1, 3, 5))
     start = {k: v * (0.85 if k != "rho" else 1.15) for k, v in TRUTH.items()}
     r = invert_mass_effect(ops, tissues, c0, tumor_data(ops, core), observation_operator(ops, core, edema),
                            res.tissues.vt, initial=start, tumor_labels=(core, edema),

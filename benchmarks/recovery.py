@@ -72,7 +72,7 @@ sys.path.insert(0, str(REPO))
 
 from GBMMassEffectLib import presets  # noqa: E402
 from GBMMassEffectLib.calibrate import (S1_TUMOR_MISFIT, S2_DEFORMABLE, S3_C0_SHIFT_MM,  # noqa: E402
-                                        S3_C0_SHIFT_MM_CONCENTRATION, S3_OPTIMIZER, S3_TUMOR_MISFIT,
+                                        S3_OPTIMIZER, S3_TUMOR_MISFIT,
                                         s3_c0_shift_voxels)
 from GBMMassEffectLib.backend import get_backend, to_numpy  # noqa: E402
 from GBMMassEffectLib.forward import ForwardParams, run_forward  # noqa: E402
@@ -525,8 +525,8 @@ def main(argv=None) -> int:
                     help="width σ of the true c0 (default 8 mm = one S.1 atom at 32³; wider: no atom reproduces it)")
     ap.add_argument("--c0-shift", type=float, default=None,
                     help="with the refit, S.3 also fits a translation of c0 within this many voxels "
-                         f"(0: off; default calibrate's: {S3_C0_SHIFT_MM_CONCENTRATION:g} mm on concentration "
-                         f"data, {S3_C0_SHIFT_MM:g} mm on labels)")
+                         f"(0: off; default calibrate's: {S3_C0_SHIFT_MM:g} mm on concentration "
+                         "data, off on these box-drawn labels, as with calibrate's thresholded readings)")
     ap.add_argument("--s1-coarse-factor", type=int, default=None,
                     help="S.1 coarse-to-fine from n/k (1: one grid; default calibrate's: 2 from 64³ on)")
     ap.add_argument("--verbose", action="store_true", help="log every S.3 iteration")
