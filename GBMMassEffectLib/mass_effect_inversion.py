@@ -103,9 +103,11 @@ spectrally onto m³ sub-voxels (m = 4 at 32³, 2 at 64³), edema counted on pare
 residual (F_core − f_core, F_whole − f_whole). It is continuous in c(1), so the finite
 differences see a label boundary move inside a voxel; the thresholded readings do not, and
 that is why 32³ labels left κ undetermined (on a bound) and γ trading against it. With the
-true c0 and atlas (benchmarks/label_data.py, 32³, from 10% off): P1 γ +2.8%, ρ −1.3%, κ
-+7.3% (indicator +14%, −8.3%, +157%); P2 +1.9%, +0.6%, −7.8%; P3 +2.2%, +1.7%, −14%; P4
-+1.6%, −1.2%, +11%; TC(d) +1.1%, −1.3%, +8.6% (indicator −21% in γ). No adjoint: S.3 only.
+true c0 and atlas (benchmarks/label_data.py, 32³, from 10% off): P1 γ +2.6%, ρ −1.0%, κ
++2.6% (indicator +14%, −8.3%, +157%); TC(d) +0.5%, −0.6%, +2.7% (indicator −21% in γ); P2
++0.6%, −1.2%, +10%, P3 +0.4%, −1.2%, +7.0%, P4 +1.6%, −1.2%, +11% (measured with the
+term's first, slower version). Whole path with calibrate's 32 mm translation of c0: README
+"Accuracy". No adjoint: S.3 only.
 """
 from __future__ import annotations
 

@@ -296,8 +296,14 @@ def test_tumor_misfit_option_checked():
     ops = SpectralOps(8, get_backend("cpu", "float32"))
     z = np.zeros((8, 8, 8), np.float32)
     T = Tissues.from_fractions(np, z + 1, z, z, z)
-    with pytest.raises(ValueError, match="needs the tumour labels"):
-        invert_mass_effect(ops, T, z, z, None, z, options=MassEffectOptions(tumor_misfit="band"))
+    for kind in ("band", "fraction"):  # both read the labels themselves
+        with pytest.raises(ValueError, match=f"'{kind}' needs the tumour labels"):
+            invert_mass_effect(ops, T, z, z, None, z, options=MassEffectOptions(tumor_misfit=kind))
+    # the partial volumes have no adjoint: S.3 only
+    from GBMMassEffectLib.sparse_ic import SparseICOptions
+
+    with pytest.raises(ValueError, match="S.3's only"):
+        SparseICOptions(tumor_misfit="fraction").check()
 
 
 def test_recovery_label_band_true_ic_16(glia_testdata):
@@ -751,19 +757,6 @@ def test_partial_volume_misfit_reads_label_boundaries_inside_a_voxel():
     assert PartialVolumeMisfit(ops, core).residual(c).shape == (1, 16, 16, 16)
     with pytest.raises(NotImplementedError, match="S.3 only"):
         pv.gradient(c)
-
-
-def test_fraction_misfit_is_s3_only():
-    from GBMMassEffectLib.sparse_ic import SparseICOptions
-
-    with pytest.raises(ValueError, match="S.3's only"):
-        SparseICOptions(tumor_misfit="fraction").check()
-    assert MassEffectOptions(tumor_misfit="fraction").tumor_misfit == "fraction"
-    ops = SpectralOps(8, get_backend("cpu", "float32"))
-    z = np.zeros((8, 8, 8), np.float32)
-    T = Tissues.from_fractions(np, z + 1, z, z, z)
-    with pytest.raises(ValueError, match="'fraction' needs the tumour labels"):
-        invert_mass_effect(ops, T, z, z, None, z, options=MassEffectOptions(tumor_misfit="fraction"))
 
 
 def test_recovery_label_fractions_true_ic_16(glia_testdata):
