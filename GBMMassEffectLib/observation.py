@@ -148,9 +148,10 @@ class PartialVolumeMisfit:
     to first order; ‖∇c‖₁ that of its box voxel), and the voxel's share is the mean over its
     m³ sub-voxels. Edema is drawn on parenchyma only (presets.brats_labels), so with the
     tissues at t = 1 the whole tumour beyond the core counts only on the sub-voxels where
-    max(gm, wm, c) outweighs max(bg, vt, csf) (the same ramp; both maxima interpolated). Residual (F_core − f_core, F_whole − f_whole); J_d = ½h³‖r‖². Continuous in
-    c(1), so the finite differences S.3 uses see where a label boundary sits inside a
-    voxel, which the indicator and the band (both thresholded per voxel) do not."""
+    max(gm, wm, c) outweighs max(bg, vt, csf) (the same ramp; both maxima interpolated).
+    Residual (F_core − f_core, F_whole − f_whole); J_d = ½h³‖r‖². Continuous in c(1), so the
+    finite differences S.3 uses see where a label boundary sits inside a voxel, which the
+    indicator and the band (both thresholded per voxel) do not."""
 
     def __init__(self, ops: SpectralOps, core, edema=None, core_threshold: float = CORE_THRESHOLD,
                  edema_threshold: float = EDEMA_THRESHOLD, supersample: int | None = None):
@@ -180,7 +181,6 @@ class PartialVolumeMisfit:
         phase = np.exp(1j * s * (kk[:, None, None] + kk[None, :, None] + kr[None, None, :])) * m**3
         self._phase = xp.asarray(phase, dtype=np.result_type(ops.dtype, np.complex64))
         self._h_sub = ops.h / m
-        self.parenchyma = None  # a fixed parenchyma share per voxel, instead of the tissues'
 
     def _upsample(self, fields):
         """Fields (k, n, n, n) at the sub-voxel centres (spectral), as (k, n, m, n, m, n, m):
@@ -213,7 +213,7 @@ class PartialVolumeMisfit:
         ops, xp = self.ops, self.ops.xp
         c1 = xp.asarray(c1, dtype=ops.dtype)
         fields = [c1]
-        use_tissues = len(self.levels) == 2 and self.parenchyma is None and tissues is not None
+        use_tissues = len(self.levels) == 2 and tissues is not None
         if use_tissues:
             par_max = xp.maximum(tissues.gm, tissues.wm)
             other_max = xp.maximum(xp.maximum(tissues.bg, tissues.vt), tissues.csf)
@@ -221,17 +221,11 @@ class PartialVolumeMisfit:
         fine = self._upsample(xp.stack(fields))
         g1 = sum(xp.abs(g) for g in ops.grad(c1))
         shares = [self._ramp(fine[0], level, g1) for level in self.levels]
-        if len(shares) == 2:
-            if use_tissues:
-                D = xp.maximum(fine[1], fine[0]) - fine[2]
-                gD = sum(xp.abs(g) for g in xp.gradient(xp.maximum(par_max, c1) - other_max, ops.h))
-                par = self._ramp(D, 0.0, gD)
-            elif self.parenchyma is not None:
-                par = xp.asarray(self.parenchyma, dtype=ops.dtype)[:, None, :, None, :, None]
-            else:
-                par = None
-            if par is not None:
-                shares[1] = shares[0] + par * xp.maximum(shares[1] - shares[0], 0)
+        if use_tissues:
+            D = xp.maximum(fine[1], fine[0]) - fine[2]
+            gD = sum(xp.abs(g) for g in xp.gradient(xp.maximum(par_max, c1) - other_max, ops.h))
+            par = self._ramp(D, 0.0, gD)
+            shares[1] = shares[0] + par * xp.maximum(shares[1] - shares[0], 0)
         return xp.stack([a.mean(axis=(1, 3, 5)) for a in shares]).astype(ops.dtype)
 
     def residual(self, c1, tissues=None):
