@@ -125,7 +125,7 @@ S3_OPTIMIZER = "gauss-newton"
 #: error < 1%, from eγ up to 3.6%, eu up to 8.5%; patient P1 of benchmarks/ACCURACY.md, γ 0.6
 #: in sri24, on its own atlas: γ 0.727 → 0.563, the tumour misfit J 1.45e-2 → 8.0e-4).
 #: With labels read as partial volumes the same (whole path, 32³, 2026-12-07: label TC(d)
-#: γ −38% with the indicator, −17% with the partial volumes alone, +1.7% with both; P5,
+#: γ −38% with the indicator, −17% with the partial volumes alone, +1.3% with both; P5,
 #: γ 0.3 with a 4 mm mass effect, on its own atlas −4.5% where the indicator gave −81%).
 #: With thresholded labels (tumor_misfit "indicator" or "band") it stays off: measured at
 #: 32³ it helps on label TC(c) (eγ 13.8% → 7.6%) but hurts on label TC(b) (3.3% → 6.9%)

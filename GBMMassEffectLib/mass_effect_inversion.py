@@ -358,6 +358,10 @@ class MassEffectObjective:
 
     def solve(self, x):
         """Full forward solve at x; returns (J, parts, ForwardResult)."""
+        return self._evaluate(x)[:3]
+
+    def _evaluate(self, x):
+        """Full forward solve at x: (J, parts, ForwardResult, tumour residual, vt residual)."""
         check_cancel(self.cancel)
         res = run_forward(self.ops, self.tissues, self.c0_at(x), self.params(x), cancel=self.cancel,
                           on_cfl="flag")
@@ -365,17 +369,12 @@ class MassEffectObjective:
         if res.cfl_flagged:
             self.cfl_flagged += 1
         xp = self.ops.xp
-        jt = float(0.5 * self.ops.h**3 * xp.sum(self.tumor_residual(res) ** 2, dtype=np.float64))
-        r = self.vt_residual(res)
-        jv = 0.5 * self.ops.h**3 * float(xp.sum(r * r, dtype=np.float64))
+        rt = self.misfit.residual(res.c, res.tissues)  # J_d = ½h³‖rt‖² (observation's misfits)
+        rv = self.vt_residual(res)
+        jt = 0.5 * self.ops.h**3 * float(xp.sum(rt * rt, dtype=np.float64))
+        jv = 0.5 * self.ops.h**3 * float(xp.sum(rv * rv, dtype=np.float64))
         parts = {"tumor": jt, "vt": jv}
-        return jt + jv, parts, res
-
-    def tumor_residual(self, res):
-        """The tumour term's residual at a forward result (J_d = ½h³‖r‖²)."""
-        if getattr(self.misfit, "needs_tissues", False):
-            return self.misfit.residual(res.c, res.tissues)
-        return self.misfit.residual(res.c)
+        return jt + jv, parts, res, rt, rv
 
     def vt_residual(self, res):
         """vt(1) − vt_patient where the patient's ventricles are observed (vt_mask)."""
@@ -403,10 +402,9 @@ class MassEffectObjective:
             if key in self._residuals:
                 self._residuals.move_to_end(key)
                 return self._residuals[key]
-        J, parts, res = self.solve(x)
+        J, parts, _, rt, rv = self._evaluate(x)
         s = math.sqrt(self.ops.h ** 3)
-        r = np.concatenate([to_numpy(self.tumor_residual(res)).ravel(),
-                            to_numpy(self.vt_residual(res)).ravel()]).astype(np.float64) * s
+        r = np.concatenate([to_numpy(rt).ravel(), to_numpy(rv).ravel()]).astype(np.float64) * s
         with self._lock:
             self._cache[key] = (J, parts)
             self._residuals[key] = r

@@ -56,7 +56,8 @@ class Misfit:
         self.O = None if O is None else _check(ops, O, "observation operator O").astype(ops.dtype)
         self.h3 = ops.h**3
 
-    def residual(self, c1):
+    def residual(self, c1, tissues=None):
+        """O(c1 − d); tissues (at t = 1) unused: the tumour terms' common signature."""
         r = c1 - self.d
         return r if self.O is None else self.O * r
 
@@ -126,7 +127,8 @@ class BandMisfit:
             raise ValueError("label band: a lower bound exceeds its upper bound")
         self.h3 = ops.h**3
 
-    def residual(self, c1):
+    def residual(self, c1, tissues=None):
+        """(c1 − U)₊ − (L − c1)₊; tissues unused (the tumour terms' common signature)."""
         xp = self.ops.xp
         return xp.maximum(c1 - self.upper, 0) - xp.maximum(self.lower - c1, 0)
 
@@ -190,7 +192,7 @@ class PartialVolumeMisfit:
         C = ops.fft(xp.asarray(fields, dtype=ops.dtype))
         C = C[:, self._src01][:, :, self._src01][:, :, :, self._src2]
         P = xp.zeros((C.shape[0], N, N, N // 2 + 1), dtype=self._phase.dtype)
-        P[:, self._i01[:, None, None], self._i01[None, :, None], xp.arange(n // 2)[None, None, :]] = C
+        P[:, self._i01[:, None, None], self._i01[None, :, None], self._src2[None, None, :]] = C
         P *= self._phase
         fine = ops.backend.irfftn(P, N).astype(ops.dtype, copy=False)
         return fine.reshape(-1, n, m, n, m, n, m)
@@ -201,9 +203,6 @@ class PartialVolumeMisfit:
         xp = self.ops.xp
         width = (g1 * self._h_sub + 1e-12)[:, None, :, None, :, None]
         return xp.clip(0.5 + (f6 - level) / width, 0.0, 1.0)
-
-    #: the misfit reads the tissues at t = 1 too (MassEffectObjective passes them)
-    needs_tissues = True
 
     def fractions(self, c1, tissues=None):
         """(F_core[, F_whole]) of c(1): each box voxel's predicted share above θ; with the
