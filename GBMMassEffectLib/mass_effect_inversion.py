@@ -347,7 +347,11 @@ class MassEffectObjective:
         xp = self.ops.xp
         c = self.c0
         if self.atoms is not None:
-            c = xp.tensordot(xp.asarray(self.weights_of(x), dtype=self.atoms.dtype), self.atoms, axes=1)
+            # Σ q_i φ_i in a fixed order, not by BLAS: its rounding depends on the thread count
+            # (a Dask worker has one), and one-sided differences with step 1e-5 magnify it
+            c = xp.zeros_like(self.atoms[0])
+            for q, atom in zip(self.weights_of(x), self.atoms):
+                c += atom.dtype.type(q) * atom
         if self.shift:
             c = self.ops.translate(c, self.shift_of(x) * self.ops.h)
         top = float(xp.max(c))
@@ -828,9 +832,9 @@ def _invert_one_level(ops: SpectralOps, atlas_tissues, c0, d, O, vt_patient, ini
         evaluates it once per accepted step, so a new point is an iteration: the stopping
         rules are checked here (scipy's own callback needs scipy ≥ 1.16; Slicer's may be older)."""
         r, Jm = fd_jacobian(obj, x, options, bounds)
-        g = Jm.T @ r
+        g = np.einsum("ij,i->j", Jm, r)  # einsum, not BLAS: the same sums on any thread count
         new_point = state["g0"] is not None and _key(x) != _key(state["x"])
-        state.update(x=np.array(x), J=0.5 * float(r @ r), g=g)
+        state.update(x=np.array(x), J=0.5 * float(np.einsum("i,i->", r, r)), g=g)
         if state["g0"] is None:
             state["g0"] = projected_gradient_norm(x, g, bounds)
         if new_point and (record(x, state["J"], g) or state["nit"] >= options.maxiter):

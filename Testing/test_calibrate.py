@@ -273,11 +273,11 @@ def test_flags_give_the_same_job_as_job_json(case, tmp_path):
         o3({"c0_shift": -1})
     with pytest.raises(InputError, match="choose one"):
         o3({"c0_refit": True, "c0_pullback": 1})
-    # S.3's tumour term on labels or masks: §5's indicator by default, the partial volumes or
+    # S.3's tumour term on labels or masks: the partial volumes by default, §5's indicator or
     # the label band on request (thresholds those of simulate's labels); a concentration is
     # always compared as is
     assert (job.s3_options().tumor_misfit, job.s3_options().core_threshold,
-            job.s3_options().edema_threshold) == ("indicator", 0.4, 0.02)
+            job.s3_options().edema_threshold) == ("fraction", 0.4, 0.02)
     assert o3({"tumor_misfit": "indicator"}).tumor_misfit == "indicator"
     assert o3({"tumor_misfit": "band"}).tumor_misfit == "band"
     assert o3({"tumor_misfit": "fraction"}).tumor_misfit == "fraction"
