@@ -158,7 +158,7 @@ def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="synthetic patient from the bundled atlas set, then calibrate",
                        description="Build a synthetic patient (preset tc-b) from one bundled atlas and "
                                    "calibrate it with the true atlas and one other; prints a summary. "
-                                   "Default: grid 32, about 9 minutes on 2 CPU cores (measured, README).")
+                                   "Default: grid 32, 10-20 minutes on 2 CPU cores (measured, README).")
     d.add_argument("--out", default="gbm-demo-output", help="output folder (default ./gbm-demo-output)")
     d.add_argument("--full", action="store_true", help="the paper setting: grid 128 (256 on a GPU), up to 8 atlases")
     d.add_argument("--preset", choices=["tc-a", "tc-b", "tc-c", "tc-d"], default="tc-b")

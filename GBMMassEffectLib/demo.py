@@ -13,7 +13,7 @@
    stdout and saved as OUT/demo_summary.json.
 
 Default: grid 32 (8 mm box voxels), S.3 as calibrate runs it (c0 refit, Gauss-Newton) but
-at most 8 iterations and no Hessian, affine registration on 4 mm grids, sized for about 10
+at most 8 iterations and no Hessian, affine registration on 4 mm grids, sized for 10–20
 minutes on 2 CPU cores (timing in the README). --full: the paper setting, grid 128
 on a CPU (256 with a GPU), the §6 atlas choice (up to 8 atlases, the true one included), S.3 and
 registration at their defaults (hours on a CPU).
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from . import progress as pg
 
 TRUE_ATLAS = "mni152"
-#: S.3 iteration cap of the default demo (true atlas plus ONE other). Re-timed with
-#: calibrate's S.3 (c0 refit, Gauss-Newton; 9–10 forward solves per iteration): 8.3 min
-#: wall on 2 cores on 2026-12-01, S.1 3.3 min of it, mean γ 0.398 for 0.4 (README); the 32³ TC(b)
-#: concentration row converged in 9 iterations, so 8 stops near the optimum.
+#: S.3 iteration cap of the default demo (true atlas plus ONE other). With the partial-volume
+#: tumour term and c0's translation (13–14 forward solves per iteration; 2026-12-07): 19.2 min
+#: wall on 2 cores beside a 64³ calibration, S.1 4.2 min of it, each atlas's S.3 7.3 min, mean
+#: γ 0.416 for 0.4, max|u| 9.84 mm for 10.02 (README); both atlases stop on the cap (the true
+#: atlas at γ 0.456; converged, 15–20 iterations, +0.9%).
 DEFAULT_S3_MAXITER = 8
 
 

@@ -1,7 +1,7 @@
 """`gbm-calibrate demo` (demo.py; ISSUE 3 item 5). The fast test runs the demo's whole path
 (synthetic patient from the bundled set → calibration → summary) with cut-down solver
-settings and one atlas besides the true one; the default demo (sized for < 10 minutes on
-2 free cores) is a slow test."""
+settings and one atlas besides the true one; the default demo (10–20 minutes on 2 cores)
+is a slow test."""
 from __future__ import annotations
 
 import io
