@@ -64,10 +64,10 @@ Stages:
        Gauss-Newton on the residual's FD Jacobian (S3_OPTIMIZER; "s3": {"optimizer":
        "lbfgsb"} is §6's L-BFGS-B): with the refit's coupled weights it converges in ~5×
        fewer forward solves.
-       The tumour term on labels or masks is §5's (S3_TUMOR_MISFIT); "s3": {"tumor_misfit":
-       "fraction"} reads them as partial volumes (the warped core and edema fractions
+       The tumour term on labels or masks (S3_TUMOR_MISFIT) reads them as partial volumes
+       by default ("s3": {"tumor_misfit": "fraction"}) (the warped core and edema fractions
        against the shares of each voxel above the label thresholds that c(1) predicts; a
-       deviation from §5, measured better, README "Accuracy"), "band" reads each label
+       deviation from §5, measured better, README "Accuracy"); "indicator" is §5's, "band" reads each label
        boundary as an iso-contour of c(1); a concentration is compared as is (§5 with O = 1, sampled at
        the atlas box nodes through the registration; c0 and its atoms are warped cubically).
        c(1) and u (LPS mm) go back to the patient grid through the inverse map (u's vectors
@@ -118,7 +118,7 @@ S3_OPTIMIZER = "gauss-newton"
 #: with the refit, S.3 also optimises a translation of c0 of up to this many mm per axis
 #: (job option s3.c0_shift, in voxels of the grid; 0 = off) whenever its tumour term reads
 #: the data below the voxel scale: a tumour concentration, or labels as partial volumes
-#: (S3_TUMOR_MISFIT "fraction", an option). S.1's atoms sit on a lattice two box voxels
+#: (S3_TUMOR_MISFIT "fraction", the default). S.1's atoms sit on a lattice two box voxels
 #: apart (16 mm at 32³), fitted by a model without mass effect, so its c0 is a blend of
 #: neighbouring atoms, wider and heavier than the seed, and S.3 answers with a low ρ;
 #: translated, one atom can sit on the seed (Table 1 concentration TC(b)-(d) at 32³: every

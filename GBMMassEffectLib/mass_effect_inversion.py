@@ -76,8 +76,8 @@ atom here; with max 1, S.3 fits a slower ρ and a smaller γ to the same tumour.
 (benchmarks/ACCURACY.md). Not estimated from the data: fitted together with ρ and γ it
 trades against both (the same patient: γ 0.18, ρ 7.1 at a lower misfit).
 
-Tumour term on label data (option tumor_misfit; calibrate.S3_TUMOR_MISFIT keeps §5's
-"indicator" as the default; "band" is a deviation offered as an option): "indicator" is
+Tumour term on label data (option tumor_misfit; §5's "indicator" here by default,
+calibrate.S3_TUMOR_MISFIT picks "fraction"; "band" is a deviation offered as an option): "indicator" is
 §5's ½h³‖O(c(1) − d)‖² with d the smoothed core indicator. It asks for c = 1 over the whole core, where a tumour labelled
 at c > 0.4 has c between 0.4 and 1, so with the true c0 and the true atlas it already
 biases the fit: 32³, labels drawn at 0.4 / 0.02, TC(d) γ 1.046 (12.8% under), κ 0.0069 for
@@ -163,7 +163,7 @@ class MassEffectOptions:
     c0_max: float = 1.0  # max(c0) (§5: 1; the reference's multilevel scripts: n/256; module docstring)
     optimizer: str = "lbfgsb"  # "lbfgsb" (§6) or "gauss-newton" (module docstring)
     c0_shift: float = 0.0  # > 0: also optimise a translation δ of c0, |δ_i| ≤ this (voxels of n)
-    tumor_misfit: str = "indicator"  # "indicator" (§5's ‖O(c − d)‖²) or "band" (labels as iso-contours)
+    tumor_misfit: str = "indicator"  # "indicator" (§5's ‖O(c − d)‖²), "band" (iso-contours), "fraction" (partial volumes)
     core_threshold: float = CORE_THRESHOLD  # the label band's c(1) at the core's boundary
     edema_threshold: float = EDEMA_THRESHOLD  # … and at the whole tumour's (core + edema)
 

@@ -8,7 +8,7 @@
   each label boundary read as an iso-contour of c(1) at the thresholds `simulate` draws
   its labels at (presets.BRATS_THRESHOLDS), i.e. bounds L ≤ c(1) ≤ U per voxel and the
   misfit ½h³‖(c − U)₊ − (L − c)₊‖², zero when the predicted labels are the observed ones.
-- labels as partial volumes (a deviation, an S.3 option on label data, PartialVolumeMisfit):
+- labels as partial volumes (a deviation, calibrate's S.3 default on label data, PartialVolumeMisfit):
   the share of each voxel above the same thresholds that c(1) predicts below the voxel
   scale, against the labels' box fractions; it sees where a label boundary runs inside a
   voxel, which both readings above, thresholded per voxel, do not.
