@@ -177,6 +177,15 @@ def s3_c0_shift_voxels(grid: int, box_mm: float, subvoxel: bool = True) -> float
 #: affine only 0.75; onto colin27 0.33 vs 0.63, sri24 0.24 vs 0.53.
 S2_DEFORMABLE = "none"
 STAGE_SPAN = {"setup": (0.0, 0.03), "S.1": (0.03, 0.25), "atlases": (0.25, 0.95), "output": (0.95, 1.0)}
+#: report note for a tumour input with a core and no edema (a T1 mask, a label map without
+#: label 2): read as not segmented (edema None, as for --tumor-core alone), so the whole
+#: tumour's extent, which is what fixes κ, is not in the data.
+NO_EDEMA_NOTE = ("no edema in the tumour input (a core mask alone, or a label map without the edema "
+                 "label), read as not segmented: nothing fixes how far the tumour "
+                 "infiltrates, so κ is left to the ventricles and often ends on a bound, and max|u| "
+                 "may be underestimated (a core mask alone: a third under in README, Accuracy); give "
+                 "the edema (--edema, or label 2 in --tumor-seg) when it is segmented")
+
 DEFAULT_TUMOR_VALUES = {"necrotic": 1, "edema": 2, "enhancing": 4}
 #: BraTS label 3 is tumour core in every BraTS convention: non-enhancing tumour core in
 #: BraTS 2012–2016, enhancing tumour from BraTS 2023 (1 NCR, 2 ED, 3 ET). A tumour label
@@ -477,6 +486,9 @@ def read_patient(job: CalibrateJob) -> Patient:
             raise InputError("the tumor is empty: no tumor-core (necrotic or enhancing) voxel in "
                              f"{job.tumor_labels or job.tumor_core}")
         whole = (core > 0.5) | (edema is not None and edema > 0.5)
+        if edema is None or not edema.any():  # not segmented: as a core mask alone (NO_EDEMA_NOTE)
+            edema = None
+            notes.append(NO_EDEMA_NOTE)
     tissue = t1 = None
     if job.tissue_labels:
         raw = _read_any_labels(job.tissue_labels, sv, tumor_values, "tissue label map")

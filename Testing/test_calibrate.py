@@ -743,6 +743,31 @@ def test_tissue_map_tumour_labels_and_holes_join_the_whole_tumour(case, tmp_path
         assert not p.whole[lab == 0].any(), name  # and so does the outside of the brain
 
 
+def test_tumour_input_without_edema_is_read_as_not_segmented(case, tmp_path):
+    """A label map without the edema label and a core mask without --edema read alike: the
+    edema as not segmented (None, so S.3's terms leave the infiltration free rather than
+    reading "whole tumour = core"), the same core and whole tumour, and the report's note
+    (NO_EDEMA_NOTE) saying κ is not fixed by such data; with the edema, no note."""
+    from GBMMassEffectLib.calibrate import NO_EDEMA_NOTE, read_patient
+
+    tumor_img = sitk.ReadImage(str(case["tumor"]))
+    t = sitk.GetArrayFromImage(tumor_img)
+    assert (t == 2).any()
+    _write(np.where(t == 2, 0, t).astype(np.uint8), tmp_path / "no_edema.nrrd", like=tumor_img)
+    _write(np.isin(t, (1, 4)).astype(np.uint8), tmp_path / "core.nrrd", like=tumor_img)
+    base = {"tissue_labels": str(case["tissue"]), "atlas_set": [str(case["atlases"][0])], "grid": 32,
+            "out": str(tmp_path / "out"), "options": CHEAP}
+    full = read_patient(CalibrateJob.from_dict({"tumor_labels": str(case["tumor"]), **base}))
+    labels = read_patient(CalibrateJob.from_dict({"tumor_labels": str(tmp_path / "no_edema.nrrd"), **base}))
+    mask = read_patient(CalibrateJob.from_dict({"tumor_core": str(tmp_path / "core.nrrd"), **base}))
+    assert full.edema is not None and full.edema.any() and NO_EDEMA_NOTE not in full.notes
+    for p in (labels, mask):
+        assert p.edema is None and NO_EDEMA_NOTE in p.notes
+        assert np.array_equal(p.core, full.core)
+        assert p.whole[p.core > 0.5].all()
+    assert np.array_equal(labels.whole, mask.whole)
+
+
 def test_brats_label_3_is_tumour_core(case, tmp_path):
     """BraTS label 3 is tumour core in both BraTS conventions (non-enhancing core in
     2012-2016, enhancing tumour from 2023: 1 NCR, 2 ED, 3 ET): a BraTS-2023 map reads as
