@@ -376,7 +376,15 @@ class GBMMassEffectJob:
         text = _("{seconds:.0f} s").format(seconds=self.elapsed or 0.0)
         if maxU is not None:
             text += _(", max displacement {mm:.1f} mm").format(mm=maxU)
+        if self.notes():
+            text += _(", {count} note(s) in the log").format(count=len(self.notes()))
         return text
+
+    def notes(self):
+        """report.json's notes: parameters left on a bound, inputs read a particular way
+        (e.g. no edema), poor registrations; the Logic logs each when the job completes."""
+        notes = (self.report or {}).get("notes") or []
+        return [str(n) for n in notes] if isinstance(notes, list) else [str(notes)]
 
 
 class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
@@ -701,6 +709,8 @@ class GBMMassEffectLogic(ScriptedLoadableModuleLogic):
                 job.report = job.nodes.pop("report", None)
                 job.state = job.COMPLETED
                 self.log(f"{job.kind} finished in {job.elapsed:.1f} s")
+                for note in job.notes():  # what to read the parameters with (bounds, inputs, registration)
+                    self.log(f"note: {note}")
             except Exception as exc:  # a broken output is a failure, with nothing half-loaded
                 job.state = job.FAILED
                 job.errorMessage = f"could not load the results: {exc}"
@@ -1118,7 +1128,8 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         necrotic, edema, enhancing = (seg.GetSegmentIdBySegmentName(n) for n in ("necrotic", "edema", "enhancing"))
         self.assertTrue(necrotic)
         atlasFolder = self.writeAtlasFolder(labels, os.path.join(logic.createJobFolder("atlases"), "atlases"))
-        events = []
+        events, logs = [], []
+        logic.logCallback = logs.append
         try:
             job = logic.process(t1, segmentation, necrotic, edema, enhancing, atlasSet=atlasFolder,
                                 numberOfAtlases=1, resolution=self.GRID, device="cpu", waitForCompletion=True,
@@ -1174,6 +1185,13 @@ class GBMMassEffectTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(entry["gamma"], 0.0)
         self.assertGreaterEqual(float(table.GetCellText(0, 4)), 0.0)
         self.assertIn("max displacement", job.summary())
+        # report notes (here at least the tissue taken from the atlas: no tissue segmentation
+        # was given) reach the module's log, and the status line says how many there are
+        self.assertIsInstance(report["notes"], list)
+        self.assertTrue(report["notes"])
+        for note in report["notes"]:
+            self.assertIn(f"note: {note}", logs)
+        self.assertIn(f"{len(report['notes'])} note(s) in the log", job.summary())
         self.delayDisplay("Calibration loaded with the input geometry")
 
     def test_SimulateEndToEnd(self):
