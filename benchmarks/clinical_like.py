@@ -11,8 +11,10 @@ the same brain but is rotated about z then x, left-handed (its third axis revers
 anisotropic (`--spacing`, default 1 × 1 × 5 mm): what a clinical scan looks like, with none
 of the synthetic patient's tissue labels. Written: t1.nrrd, tumor_core.nrrd (BraTS labels 1,
 3, 4: necrotic and enhancing), whole_tumor.nrrd (core + edema) and edema.nrrd (whole
-tumour minus core), so that both `--tumor-core` alone and `--tumor-core --edema` can be run
-(README *Accuracy*, patient B′; benchmarks/ACCURACY.md).
+tumour minus core), so that both `--tumor-core` alone and `--tumor-core --edema` can be run,
+and tissue_labels.nrrd (the patient's label map, nearest neighbour) for `--tissue-seg` runs
+that leave out the T1-only tissue derivation (README *Accuracy*, patient B′;
+benchmarks/ACCURACY.md).
 """
 from __future__ import annotations
 
@@ -86,7 +88,11 @@ def main(argv=None) -> None:
     core_c = resample(core, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
     whole_c = resample(whole, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
     edema_c = sitk.Cast((whole_c > 0) & (core_c == 0), sitk.sitkUInt8)
-    for name, img in (("t1", t1_c), ("tumor_core", core_c), ("whole_tumor", whole_c), ("edema", edema_c)):
+    out = [("t1", t1_c), ("tumor_core", core_c), ("whole_tumor", whole_c), ("edema", edema_c)]
+    if (a.patient / "patient_labels.nrrd").exists():  # for runs that separate the T1-only tissue path
+        tissue = sitk.ReadImage(str(a.patient / "patient_labels.nrrd"))
+        out.append(("tissue_labels", resample(tissue, grid, sitk.sitkNearestNeighbor, tissue.GetPixelID())))
+    for name, img in out:
         sitk.WriteImage(img, str(a.out / f"{name}.nrrd"), True)
     n_core = int(sitk.GetArrayViewFromImage(core_c).sum())
     print(f"wrote {a.out}: grid {grid.GetSize()} at {tuple(a.spacing)} mm, rotated {a.rotate_z}° about z and "
