@@ -376,8 +376,9 @@ class GBMMassEffectJob:
         text = _("{seconds:.0f} s").format(seconds=self.elapsed or 0.0)
         if maxU is not None:
             text += _(", max displacement {mm:.1f} mm").format(mm=maxU)
-        if self.notes():
-            text += _(", {count} note(s) in the log").format(count=len(self.notes()))
+        notes = self.notes()
+        if notes:
+            text += _(", {count} note(s) in the log").format(count=len(notes))
         return text
 
     def notes(self):

@@ -25,7 +25,10 @@ import pathlib
 import numpy as np
 import SimpleITK as sitk
 
-CORE_LABELS = (1, 3, 4)
+from GBMMassEffectLib.calibrate import BRATS_OTHER_CORE, DEFAULT_TUMOR_VALUES, resample_to
+
+#: what calibrate reads as tumour core in a BraTS map: necrotic, enhancing, label 3
+CORE_LABELS = (DEFAULT_TUMOR_VALUES["necrotic"], DEFAULT_TUMOR_VALUES["enhancing"], BRATS_OTHER_CORE)
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
@@ -61,10 +64,6 @@ def clinical_grid(reference: sitk.Image, spacing, rotate_z: float, rotate_x: flo
     return out
 
 
-def resample(image: sitk.Image, grid: sitk.Image, interpolator, pixel) -> sitk.Image:
-    return sitk.Resample(image, grid, sitk.Transform(), interpolator, 0.0, pixel)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("patient", type=pathlib.Path, help="a simulate --preset folder")
@@ -84,14 +83,14 @@ def main(argv=None) -> None:
 
     grid = clinical_grid(t1, a.spacing, a.rotate_z, a.rotate_x)
     a.out.mkdir(parents=True, exist_ok=True)
-    t1_c = resample(t1, grid, sitk.sitkLinear, sitk.sitkFloat32)
-    core_c = resample(core, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
-    whole_c = resample(whole, grid, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+    # the T1 plainly linear (no anti-aliasing: a scanner's thick slice is not a smoothed one)
+    t1_c = sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    core_c, whole_c = (resample_to(m, grid, "label") for m in (core, whole))
     edema_c = sitk.Cast((whole_c > 0) & (core_c == 0), sitk.sitkUInt8)
     out = [("t1", t1_c), ("tumor_core", core_c), ("whole_tumor", whole_c), ("edema", edema_c)]
     if (a.patient / "patient_labels.nrrd").exists():  # for runs that separate the T1-only tissue path
         tissue = sitk.ReadImage(str(a.patient / "patient_labels.nrrd"))
-        out.append(("tissue_labels", resample(tissue, grid, sitk.sitkNearestNeighbor, tissue.GetPixelID())))
+        out.append(("tissue_labels", resample_to(tissue, grid, "label")))
     for name, img in out:
         sitk.WriteImage(img, str(a.out / f"{name}.nrrd"), True)
     n_core = int(sitk.GetArrayViewFromImage(core_c).sum())
